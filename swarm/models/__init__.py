@@ -1,0 +1,29 @@
+"""Model families, registered by the `model_type` of a Hugging Face config."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from .base import ClientParts, ModelFamily
+from .llama import LlamaFamily
+
+FAMILIES: dict[str, type[ModelFamily]] = {
+    model_type: family for family in (LlamaFamily,) for model_type in family.model_types
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def get_family(config: PretrainedConfig) -> ModelFamily:
+    """The family that knows how to split and run this config's model."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not supported; supported types: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[model_type](config)
+
+
+__all__ = ["FAMILIES", "ClientParts", "ModelFamily", "UnsupportedModelError", "get_family"]

@@ -1,0 +1,166 @@
+"""What every model family must say: how a config splits into client parts and blocks,
+and how a span of blocks runs.
+
+The defaults here describe the Llama recipe (pre-norm decoder layers, rotary positions
+computed once per forward, RMSNorm before the LM head), which most decoder-only families
+in transformers follow; a family overrides only what differs. Blocks are always the
+library's own decoder-layer classes: we build them, load their weights and call them.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+# Called before block i (global index) with the hidden states entering it; returns what
+# actually enters the block (deep prompts add themselves here).
+BeforeBlock = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class ClientParts(nn.Module):
+    """What the client holds: token embeddings, the final norm and the LM head."""
+
+    def __init__(self, embed_tokens: nn.Embedding, norm: nn.Module, lm_head: nn.Linear, embed_scale: float = 1.0):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.norm = norm
+        self.lm_head = lm_head
+        self.embed_scale = embed_scale
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embeds = self.embed_tokens(input_ids)
+        return embeds * self.embed_scale if self.embed_scale != 1.0 else embeds
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden_states))
+
+
+class ModelFamily:
+    """How one family of decoder-only models is split and run. One instance per config."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    # Class-name prefix in transformers' modeling module, per model type ("llama" -> "Llama").
+    class_prefixes: ClassVar[dict[str, str]] = {}
+
+    layers_prefix: ClassVar[str] = "model.layers"
+    embed_key: ClassVar[str] = "model.embed_tokens.weight"
+    norm_prefix: ClassVar[str] = "model.norm"
+    lm_head_key: ClassVar[str] = "lm_head.weight"
+
+    def __init__(self, config: PretrainedConfig):
+        self.config = config
+
+    # --- the pieces, as transformers defines them -------------------------------------------
+
+    def _modeling_class(self, suffix: str) -> type:
+        model_type = self.config.model_type
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        return getattr(module, f"{self.class_prefixes[model_type]}{suffix}")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.config.num_hidden_layers
+
+    def span_config(self, start: int, end: int) -> PretrainedConfig:
+        """A copy of the config describing only blocks [start, end), so the library's layers,
+        caches and masks index them 0..n-1 (their KV cache is the span's, not the model's)."""
+        span = copy.deepcopy(self.config)
+        span.num_hidden_layers = end - start
+        if getattr(span, "layer_types", None) is not None:
+            span.layer_types = list(self.config.layer_types[start:end])
+        if getattr(span, "_attn_implementation", None) is None:
+            span._attn_implementation = "sdpa"
+        return span
+
+    def build_layers(self, span_config: PretrainedConfig) -> nn.ModuleList:
+        layer_class = self._modeling_class("DecoderLayer")
+        return nn.ModuleList(layer_class(span_config, layer_idx=i) for i in range(span_config.num_hidden_layers))
+
+    def build_rotary(self, span_config: PretrainedConfig) -> nn.Module:
+        return self._modeling_class("RotaryEmbedding")(config=span_config)
+
+    def new_cache(self, span_config: PretrainedConfig) -> Cache:
+        return DynamicCache(config=span_config)
+
+    def build_client_parts(self) -> ClientParts:
+        config = self.config
+        embed = nn.Embedding(config.vocab_size, config.hidden_size, getattr(config, "pad_token_id", None))
+        norm = self._modeling_class("RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
+        lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        return ClientParts(embed, norm, lm_head, embed_scale=self.embed_scale())
+
+    def embed_scale(self) -> float:
+        return 1.0
+
+    def client_keys(self) -> dict[str, str]:
+        """Checkpoint tensor name -> name inside ClientParts (the LM head may be tied)."""
+        keys = {self.embed_key: "embed_tokens.weight", f"{self.norm_prefix}.weight": "norm.weight"}
+        if not getattr(self.config, "tie_word_embeddings", False):
+            keys[self.lm_head_key] = "lm_head.weight"
+        return keys
+
+    # --- running a span ---------------------------------------------------------------------
+
+    def layer_masks(
+        self,
+        span_config: PretrainedConfig,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: Cache | None,
+    ) -> list:
+        """The attention mask each layer of the span gets, built by the library's own mask
+        functions, exactly as the family's model forward builds them."""
+        kwargs = dict(
+            config=span_config, inputs_embeds=hidden_states, attention_mask=attention_mask,
+            past_key_values=cache, position_ids=position_ids,
+        )
+        layer_types = getattr(span_config, "layer_types", None)
+        if layer_types is None:
+            sliding = getattr(span_config, "sliding_window", None) is not None and span_config.model_type == "mistral"
+            mask = (create_sliding_window_causal_mask if sliding else create_causal_mask)(**kwargs)
+            return [mask] * span_config.num_hidden_layers
+        masks = {"full_attention": create_causal_mask}
+        by_type = {}
+        for kind in set(layer_types):
+            if kind == "sliding_attention":
+                by_type[kind] = create_sliding_window_causal_mask(**kwargs)
+            elif kind in masks:
+                by_type[kind] = masks[kind](**kwargs)
+            else:
+                raise NotImplementedError(f"layer type {kind!r} is not supported by {type(self).__name__}")
+        return [by_type[kind] for kind in layer_types]
+
+    def run_layers(
+        self,
+        layers: nn.ModuleList,
+        rotary: nn.Module,
+        span_config: PretrainedConfig,
+        start: int,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: Cache | None,
+        before_block: BeforeBlock | None = None,
+    ) -> torch.Tensor:
+        masks = self.layer_masks(span_config, hidden_states, attention_mask, position_ids, cache)
+        position_embeddings = rotary(hidden_states, position_ids=position_ids)
+        for i, layer in enumerate(layers):
+            if before_block is not None:
+                hidden_states = before_block(start + i, hidden_states)
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=masks[i],
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                position_embeddings=position_embeddings,
+            )
+        return hidden_states
