@@ -1,0 +1,129 @@
+"""`swarm dht`: run a bootstrap node of the swarm's hivemind DHT.
+
+Prints the node's multiaddrs on stdout, one per line, the first one usable as
+`--initial-peers` by peers and clients; logs go to stderr. Runs until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+from typing import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarm dht",
+        description="Run a bootstrap node of the swarm's DHT. Peers and clients join the swarm by passing "
+        "one of the printed multiaddrs as --initial-peers. Stops cleanly on Ctrl-C / SIGTERM.",
+    )
+    parser.add_argument("--host", default="0.0.0.0",
+                        help="IP address to listen on (default: %(default)s, all interfaces; use 127.0.0.1 for a "
+                        "local-only swarm)")
+    parser.add_argument("--port", type=int, default=0,
+                        help="TCP port to listen on (default: 0, any free port; fix it so the multiaddr survives "
+                        "restarts together with --identity-path)")
+    parser.add_argument("--initial-peers", nargs="+", action="extend", default=[], metavar="MULTIADDR",
+                        help="multiaddrs of running DHT nodes to join, e.g. /ip4/10.0.0.2/tcp/31337/p2p/12D3Koo... "
+                        "(default: start a new DHT)")
+    parser.add_argument("--maddr-file", metavar="PATH",
+                        help="also write the multiaddrs to PATH, one per line (written atomically, so a reader "
+                        "never sees a partial file)")
+    parser.add_argument("--identity-path", metavar="PATH",
+                        help="private key file that fixes this node's peer id; created if missing")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="stderr log level (default: %(default)s)")
+    return parser
+
+
+def _listen_maddr(host: str, port: int) -> str:
+    ip = ipaddress.ip_address(host)  # raises ValueError naming the bad host
+    return f"/ip{ip.version}/{host}/tcp/{port}"
+
+
+def order_maddrs(maddrs: Sequence[str], host: str) -> list[str]:
+    """Dialable multiaddrs, best first: the --host given, then loopback, then the rest.
+
+    Listen-on-all addresses (0.0.0.0, ::) are dropped: nobody can dial them.
+    """
+    def rank(maddr: str) -> int:
+        parts = maddr.split("/")  # "/ip4/127.0.0.1/tcp/..." -> ["", "ip4", "127.0.0.1", ...]
+        address = parts[2] if len(parts) > 2 else ""
+        if address == host:
+            return 0
+        return 1 if address in ("127.0.0.1", "::1") else 2
+
+    def dialable(maddr: str) -> bool:
+        parts = maddr.split("/")
+        try:
+            return not ipaddress.ip_address(parts[2]).is_unspecified
+        except (IndexError, ValueError):
+            return True  # e.g. /dns4/...: not ours to judge
+
+    return sorted((m for m in maddrs if dialable(m)), key=rank)
+
+
+def write_atomically(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".maddrs-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)  # rename is atomic within one filesystem
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        listen = _listen_maddr(args.host, args.port)
+    except ValueError:
+        build_parser().error(f"--host {args.host!r} is not an IP address")
+
+    # Signals are caught before the DHT starts so an early SIGTERM still shuts it down cleanly.
+    stop = threading.Event()
+    main_pid = os.getpid()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if os.getpid() != main_pid:
+            # The DHT's forked child inherits this handler; there the signal keeps its default meaning.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+    import hivemind  # heavy (pulls in torch): imported after --help and argument errors
+
+    dht = hivemind.DHT(start=True, host_maddrs=[listen], initial_peers=args.initial_peers or None,
+                       identity_path=args.identity_path)
+    try:
+        maddrs = order_maddrs([str(m) for m in dht.get_visible_maddrs()], args.host)
+        if args.maddr_file:
+            write_atomically(args.maddr_file, "".join(m + "\n" for m in maddrs))
+        print("\n".join(maddrs), flush=True)
+        logger.info("DHT node %s running; stop with Ctrl-C or SIGTERM", dht.peer_id)
+        while not stop.wait(timeout=1.0):  # a timed wait keeps the main thread responsive to signals
+            pass
+        logger.info("shutting down")
+    finally:
+        dht.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""What peers announce in the DHT and how it is read back.
+
+Keys (see DESIGN.md):
+  "{model_id}.block.{i}"  subkey = peer id, value = that peer's PeerRecord (as a plain dict)
+  "{model_id}.model"      subkey = announcer's DHT peer id, value = the ModelRecord
+
+Everything read from the DHT is untrusted: any participant may store anything under
+any key. Readers therefore validate each value with pydantic and skip what fails,
+logging at debug level; a bad value never raises out of a fetch.
+
+Withdrawal: hivemind cannot delete, and a subkey is only replaced by a value with a
+*later* expiration time. `withdraw` therefore stores a tombstone (`{"withdrawn": True}`)
+that outlives the last announcement; readers drop tombstones silently. `draining` stays
+a real, visible state (a peer finishing its sessions but taking no new ones).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import logging
+import re
+from functools import partial
+from typing import Any, Iterable, Literal
+
+from hivemind.dht import DHT, DHTNode
+from hivemind.utils import get_dht_time
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+logger = logging.getLogger(__name__)
+
+# Record lifetime a peer's announcer should use; it refreshes well before this runs out.
+DEFAULT_RECORD_TTL = 30.0
+
+TOMBSTONE: dict[str, Any] = {"withdrawn": True}
+
+_MAX_STR = 256  # bounds untrusted strings so one junk record cannot bloat a reader
+_MODEL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,79}$")
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class PeerState(str, enum.Enum):
+    joining = "joining"  # loading weights; not yet serving
+    online = "online"
+    draining = "draining"  # finishing open sessions, refusing new ones
+
+
+def _check_endpoint(value: str) -> str:
+    """'host:port' or '[v6]:port'; the host must be something another machine can dial."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"endpoint {value!r} is not 'host:port' with a port in 1..65535")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"endpoint {value!r}: an IPv6 host must be bracketed, e.g. '[::1]:{port}'")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if bracketed or not _HOSTNAME_RE.fullmatch(host):
+            raise ValueError(f"endpoint {value!r}: {host!r} is neither an IP address nor a host name") from None
+        return value
+    if ip.is_unspecified:
+        raise ValueError(f"endpoint {value!r}: {host} means 'listen on all', it is not an address a client can dial")
+    return value
+
+
+class PeerRecord(BaseModel):
+    """One peer's announcement, stored under every block key of its span."""
+
+    # extra="ignore": newer peers may add fields without older readers dropping them.
+    # protected_namespaces=(): our `model_id` field is domain language, not pydantic's.
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False, protected_namespaces=())
+
+    model_id: str = Field(pattern=_MODEL_ID_RE.pattern)
+    peer_id: str = Field(min_length=1, max_length=128)
+    endpoint: str = Field(max_length=_MAX_STR)
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+    state: PeerState
+    throughput: float = Field(ge=0.0)  # tokens/s measured at start-up
+    cache_tokens_free: int = Field(ge=0)
+    dtype: DType
+    quant: str = Field(default="none", max_length=64)
+    version: str = Field(max_length=64)
+    fingerprint: str = Field(max_length=_MAX_STR)  # weights fingerprint of [start, end)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        return _check_endpoint(value)
+
+    @model_validator(mode="after")
+    def _span(self) -> PeerRecord:
+        if not self.start < self.end:
+            raise ValueError(f"span [{self.start}, {self.end}) is empty; need start < end")
+        return self
+
+    @property
+    def span(self) -> range:
+        return range(self.start, self.end)
+
+
+class ModelRecord(BaseModel):
+    """What a client needs to know that a model exists in the swarm."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", protected_namespaces=())
+
+    model_name: str = Field(min_length=1, max_length=_MAX_STR)
+    num_blocks: int = Field(gt=0, le=100_000)
+    config_fingerprint: str = Field(pattern=r"^[0-9a-fA-F]{8,256}$")  # hex digest
+    version: str = Field(max_length=64)
+
+    @property
+    def model_id(self) -> str:
+        return make_model_id(self.model_name, self.config_fingerprint)
+
+
+# --- keys ---------------------------------------------------------------------------
+
+
+def make_model_id(model_name: str, config_fingerprint: str) -> str:
+    """'HuggingFaceTB/SmolLM2-135M-Instruct', 'ab12cd34...' -> 'smollm2-135m-instruct-ab12cd34'.
+
+    Only the last path component names the model, so a hub id and a local folder of the
+    same weights agree; the fingerprint prefix keeps different configs apart.
+    """
+    fp = config_fingerprint.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{8,}", fp):
+        raise ValueError(f"config_fingerprint {config_fingerprint!r} must be a hex digest of at least 8 digits")
+    base = re.split(r"[/\\]", model_name.strip().rstrip("/\\"))[-1].lower()
+    base = re.sub(r"[^a-z0-9._-]+", "-", base).strip("-._")[:64] or "model"
+    return f"{base}-{fp[:8]}"
+
+
+def block_key(model_id: str, index: int) -> str:
+    return f"{model_id}.block.{index}"
+
+
+def model_key(model_id: str) -> str:
+    return f"{model_id}.model"
+
+
+# --- block records ------------------------------------------------------------------
+
+
+async def _store_many(
+    _dht: DHT, node: DHTNode, keys: list[str], subkeys: list[str], values: list[Any], expiration: float
+) -> dict[Any, bool]:
+    # Runs inside the DHT process: one traversal stores every key, instead of one per block.
+    return await node.store_many(keys, values, expiration, subkeys=subkeys)
+
+
+async def _get_many(
+    _dht: DHT, node: DHTNode, keys: list[str], latest: bool
+) -> dict[str, Any]:
+    # latest=True walks to every replica, so subkeys stored on different nodes are all merged.
+    return await node.get_many(keys, sufficient_expiration_time=float("inf") if latest else None)
+
+
+def _store_span(dht: DHT, record: PeerRecord, value: dict[str, Any], expiration: float) -> bool:
+    keys = [block_key(record.model_id, i) for i in record.span]
+    result = dht.run_coroutine(partial(_store_many, keys=keys, subkeys=[record.peer_id] * len(keys),
+                                       values=[value] * len(keys), expiration=expiration))
+    failed = [key for key, ok in result.items() if not ok]
+    if failed:
+        logger.debug("DHT refused %d of %d stores (a newer value exists or no node answered): %s",
+                     len(failed), len(keys), failed[:4])
+    return not failed
+
+
+def announce(dht: DHT, record: PeerRecord, expiration: float) -> bool:
+    """Store `record` under every block key of its span until `expiration` (DHT time).
+
+    Returns True if every key was stored.
+    """
+    return _store_span(dht, record, record.model_dump(mode="json"), expiration)
+
+
+def withdraw(dht: DHT, record: PeerRecord, expiration: float | None = None) -> bool:
+    """Hide `record` from readers by overwriting it with a tombstone.
+
+    `expiration` must be later than that of the last announcement, or the DHT keeps the
+    record (it only accepts newer values); the default, now + DEFAULT_RECORD_TTL, is
+    enough for an announcer using that TTL.
+    """
+    if expiration is None:
+        expiration = get_dht_time() + DEFAULT_RECORD_TTL
+    return _store_span(dht, record, TOMBSTONE, expiration)
+
+
+def _parse_peer_value(model_id: str, index: int, num_blocks: int, subkey: Any, value: Any) -> PeerRecord | None:
+    if value == TOMBSTONE:
+        return None
+    try:
+        record = PeerRecord.model_validate(value)
+    except ValidationError as e:
+        logger.debug("skipping malformed record under %s/%r: %s", block_key(model_id, index), subkey, e)
+        return None
+    # A valid record in the wrong place is still junk: it must be the subkey owner's, for
+    # this model, and cover this block.
+    if record.peer_id != subkey or record.model_id != model_id or index not in record.span or record.end > num_blocks:
+        logger.debug("skipping misplaced record under %s/%r: %s", block_key(model_id, index), subkey, record)
+        return None
+    return record
+
+
+def fetch_span_records(
+    dht: DHT, model_id: str, num_blocks: int, latest: bool = True
+) -> dict[int, list[PeerRecord]]:
+    """Valid, unexpired records for every block: {i: [PeerRecord, ...]} for i in range(num_blocks).
+
+    Blocks nobody serves map to []. One DHT call for all blocks. Never raises on bad data.
+    """
+    keys = [block_key(model_id, i) for i in range(num_blocks)]
+    found = dht.run_coroutine(partial(_get_many, keys=keys, latest=latest))
+    now = get_dht_time()
+    records: dict[int, list[PeerRecord]] = {}
+    for i, key in enumerate(keys):
+        records[i] = []
+        entry = found.get(key)
+        if entry is None:
+            continue
+        if not isinstance(entry.value, dict):  # a plain value stored without subkey
+            logger.debug("skipping non-dictionary value under %s: %r", key, entry.value)
+            continue
+        for subkey, item in entry.value.items():
+            if item.expiration_time < now:
+                continue
+            record = _parse_peer_value(model_id, i, num_blocks, subkey, item.value)
+            if record is not None:
+                records[i].append(record)
+    return records
+
+
+def peers_by_id(records: dict[int, list[PeerRecord]] | Iterable[PeerRecord]) -> dict[str, PeerRecord]:
+    """Collapse per-block records (or a flat iterable of them) to one record per peer."""
+    flat = (r for rs in records.values() for r in rs) if isinstance(records, dict) else records
+    return {r.peer_id: r for r in flat}
+
+
+# --- model record -------------------------------------------------------------------
+
+
+def announce_model(dht: DHT, record: ModelRecord, expiration: float) -> bool:
+    """Store the model record; each announcer uses its own subkey, so one junk subkey hides nothing."""
+    return dht.store(model_key(record.model_id), record.model_dump(mode="json"), expiration,
+                     subkey=dht.peer_id.to_base58())
+
+
+def fetch_model(dht: DHT, model_id: str, latest: bool = True) -> ModelRecord | None:
+    """The model's record, or None if nobody announces a valid one."""
+    entry = dht.get(model_key(model_id), latest=latest)
+    if entry is None or not isinstance(entry.value, dict):
+        return None
+    now = get_dht_time()
+    # Newest first: if announcers disagree on e.g. version, the freshest wins.
+    for subkey, item in sorted(entry.value.items(), key=lambda kv: -kv[1].expiration_time):
+        if item.expiration_time < now:
+            continue
+        try:
+            record = ModelRecord.model_validate(item.value)
+            if record.model_id == model_id:
+                return record
+            logger.debug("skipping model record for %s under %s", record.model_id, model_key(model_id))
+        except ValidationError as e:
+            logger.debug("skipping malformed model record under %s/%r: %s", model_key(model_id), subkey, e)
+    return None
