@@ -207,9 +207,10 @@ class BlockSpan(nn.Module):
             state.position = position
 
     def _reorder(self, state: InferenceState, hypo_ids: torch.Tensor) -> None:
-        if hypo_ids.shape != (state.batch_size,) or hypo_ids.dtype != torch.int64:
-            raise SpanInputError(f"hypo_ids must be int64 of shape ({state.batch_size},), got "
+        if hypo_ids.shape != (state.batch_size,) or hypo_ids.is_floating_point() or hypo_ids.dtype == torch.bool:
+            raise SpanInputError(f"hypo_ids must be integers of shape ({state.batch_size},), got "
                                  f"{hypo_ids.dtype} {tuple(hypo_ids.shape)}")
+        hypo_ids = hypo_ids.long()
         if hypo_ids.numel() and (hypo_ids.min() < 0 or hypo_ids.max() >= state.batch_size):
             raise SpanInputError(f"hypo_ids must be in [0, {state.batch_size})")
         state.cache.reorder_cache(hypo_ids)

@@ -1,0 +1,67 @@
+"""`swarm generate`: text from the swarm, streamed to stdout as it is generated."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from swarm.checkpoint import DEFAULT_MODEL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarm generate",
+        description="Generate text with a model whose blocks are served by peers of the swarm. "
+                    "Tokens stream to stdout; speed goes to stderr.",
+        epilog='example: swarm generate --initial-peers /ip4/127.0.0.1/tcp/4321/p2p/Qm... --chat "What is a swarm?"',
+    )
+    parser.add_argument("prompt", help="the text to continue (or, with --chat, your message)")
+    parser.add_argument("--initial-peers", action="append", required=True, metavar="MULTIADDR",
+                        help="a DHT multiaddr, as printed by `swarm dht` (repeatable)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, HF folder or .gguf (default {DEFAULT_MODEL})")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
+    parser.add_argument("--codec", default="raw", choices=["raw", "float16", "bfloat16", "int8_blockwise"],
+                        help="how activations travel between client and peers")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+    from transformers import TextStreamer
+
+    from client import AutoDistributedModelForCausalLM, SwarmSettings
+
+    peers = [p for item in args.initial_peers for p in item.split(",") if p]
+    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=peers,
+                                                            settings=SwarmSettings(codec=args.codec))
+    tokenizer = model.tokenizer
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = args.prompt
+    inputs = tokenizer(text, return_tensors="pt")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
+        if args.sample else dict(do_sample=False)
+    start = time.perf_counter()
+    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                            streamer=TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True),
+                            pad_token_id=tokenizer.pad_token_id, **sampling)
+    elapsed = time.perf_counter() - start
+    new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
+    print(f"[{new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s]", file=sys.stderr)
+    model.swarm.shutdown()
+    return 0

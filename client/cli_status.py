@@ -1,0 +1,49 @@
+"""`swarm status`: which peers serve which blocks, and which blocks nobody serves."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from swarm.checkpoint import DEFAULT_MODEL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarm status",
+                                     description="Show, per block of a model, the peers serving it.")
+    parser.add_argument("--initial-peers", action="append", required=True, metavar="MULTIADDR",
+                        help="a DHT multiaddr, as printed by `swarm dht` (repeatable)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, HF folder or .gguf (default {DEFAULT_MODEL})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    import hivemind
+
+    from swarm.checkpoint import config_fingerprint, resolve_checkpoint
+    from swarm.models import get_family
+    from swarm.registry import fetch_span_records, make_model_id, peers_by_id
+
+    from .routing import format_blocks
+
+    checkpoint = resolve_checkpoint(args.model)
+    num_blocks = get_family(checkpoint.config).num_blocks
+    model_id = make_model_id(checkpoint.name, config_fingerprint(checkpoint.config))
+    peers = [p for item in args.initial_peers for p in item.split(",") if p]
+    dht = hivemind.DHT(initial_peers=peers, client_mode=True, start=True)
+    try:
+        records = fetch_span_records(dht, model_id, num_blocks)
+    finally:
+        dht.shutdown()
+    print(f"model {model_id}: {num_blocks} blocks")
+    for peer in sorted(peers_by_id(records).values(), key=lambda r: (r.start, r.end)):
+        print(f"  peer {peer.peer_id[:16]:16}  blocks {peer.start:>3}:{peer.end:<3}  {peer.endpoint:21}  "
+              f"{peer.state.value:8} {peer.throughput:8.1f} tok/s  {peer.dtype:8} cache free {peer.cache_tokens_free}")
+    missing = [i for i, rs in records.items() if not rs]
+    if missing:
+        print(f"UNCOVERED blocks: {format_blocks(missing)}")
+        return 1
+    print("all blocks covered")
+    return 0

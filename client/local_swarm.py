@@ -1,0 +1,94 @@
+"""A whole swarm on this machine: one `swarm dht` and a few `swarm peer` processes on
+127.0.0.1. Used by `make demo` and the benchmarks.
+
+Every process starts in its own session and is stopped as a process group: hivemind forks
+helpers (its p2p daemon) that outlive a plain kill and would keep answering in the DHT.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+READY = re.compile(r"peer ready: .* at (\S+) \(model_id (\S+)\)")
+
+
+class LocalSwarm:
+    """`with LocalSwarm(["0:10", "10:20", "20:30"]) as swarm: swarm.initial_peers`"""
+
+    def __init__(self, spans: list[str], model: str = "smollm2-135m-instruct", extra_peer_args: list[str] = (),
+                 start_timeout: float = 180.0):
+        self.spans, self.model = spans, model
+        self.extra_peer_args, self.start_timeout = list(extra_peer_args), start_timeout
+        self.logs = Path(tempfile.mkdtemp(prefix="swarmlm-local-"))
+        self.procs: list[subprocess.Popen] = []
+        self.initial_peers: list[str] = []
+        self.endpoints: list[str] = []
+
+    def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+        out = self.logs / f"{name}.out"
+        with open(out, "w") as stdout, open(self.logs / f"{name}.err", "w") as stderr:
+            proc = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=stdout, stderr=stderr,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append(proc)
+        return proc, out
+
+    def _wait(self, proc: subprocess.Popen, out: Path, pattern: re.Pattern, what: str) -> re.Match:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            match = pattern.search(out.read_text())
+            if match:
+                return match
+            if proc.poll() is not None:
+                err = (out.with_suffix(".err")).read_text()[-2000:]
+                raise RuntimeError(f"{what} exited with code {proc.returncode}:\n{err}")
+            time.sleep(0.1)
+        raise TimeoutError(f"{what} did not start within {self.start_timeout:.0f} s; logs in {self.logs}")
+
+    def __enter__(self) -> "LocalSwarm":
+        try:
+            dht, out = self._spawn("dht", ["dht", "--host", "127.0.0.1"])
+            self.initial_peers = [self._wait(dht, out, re.compile(r"(/ip4/127\.0\.0\.1/\S+)"), "swarm dht").group(1)]
+            peers = []
+            for i, span in enumerate(self.spans):
+                peers.append(self._spawn(f"peer{i}", [
+                    "peer", "--model", self.model, "--blocks", span, "--host", "127.0.0.1",
+                    "--initial-peers", self.initial_peers[0], *self.extra_peer_args,
+                ]))
+            for i, (proc, out) in enumerate(peers):
+                self.endpoints.append(self._wait(proc, out, READY, f"peer {self.spans[i]}").group(1))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc, signal.SIGKILL)  # whatever the group left behind
+        self.procs.clear()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

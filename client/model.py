@@ -1,0 +1,169 @@
+"""The distributed causal LM: a torch module shaped like transformers' models whose
+transformer blocks live on peers.
+
+The client holds the token embeddings, final norm and LM head. `forward` sends hidden
+states through a chain of peers (stateless Forward, differentiable); `generate` is
+transformers' own `GenerationMixin.generate`, with the KV cache kept on the peers by an
+inference session that a `RemoteCache` stands in for.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+
+import torch
+from transformers import AutoTokenizer, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from swarm.checkpoint import resolve_checkpoint, config_fingerprint
+from swarm.loading import load_client_parts
+from swarm.models import ClientParts, get_family
+from swarm.registry import make_model_id
+
+from .remote import RemoteSwarm, SwarmSettings, remote_forward
+from .session import InferenceSession
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteCache(DynamicCache):
+    """What generate sees as the KV cache: the length is the session's, and beam-search
+    reorders become `hypo_ids` on the next step (the real cache lives on the peers)."""
+
+    def __init__(self, session: InferenceSession):
+        super().__init__()
+        self.session = session
+        self.pending_hypo_ids: torch.Tensor | None = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.session.position
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.pending_hypo_ids is not None:
+            beam_idx = self.pending_hypo_ids[beam_idx]
+        self.pending_hypo_ids = beam_idx
+
+    def take_hypo_ids(self) -> torch.Tensor | None:
+        hypo_ids, self.pending_hypo_ids = self.pending_hypo_ids, None
+        return hypo_ids
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    """Use :meth:`from_pretrained`; see the README for a tour."""
+
+    config_class = PretrainedConfig
+    base_model_prefix = "client"
+    main_input_name = "input_ids"
+    _supports_cache_class = True
+    # Attention runs on the peers; these only satisfy PreTrainedModel's init-time checks.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+
+    def __init__(self, config: PretrainedConfig, parts: ClientParts, swarm: RemoteSwarm):
+        super().__init__(config)
+        self.client = parts
+        self.swarm = swarm
+        self.tokenizer = None
+        self._active_session: InferenceSession | None = None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, initial_peers: list[str] | str = (), *, dht=None,
+                        settings: SwarmSettings | None = None, dtype: torch.dtype = torch.float32,
+                        **_ignored) -> "DistributedModelForCausalLM":
+        """The client half of `name_or_path` (a named model, HF folder or .gguf), joined to
+        the swarm through `initial_peers` (multiaddrs printed by `swarm dht`)."""
+        if isinstance(initial_peers, str):
+            initial_peers = [initial_peers]
+        checkpoint = resolve_checkpoint(name_or_path)
+        config = checkpoint.config
+        family = get_family(config)
+        parts = load_client_parts(checkpoint, dtype=dtype)
+        model_id = make_model_id(checkpoint.name, config_fingerprint(config))
+        swarm = RemoteSwarm(list(initial_peers), model_id, family.num_blocks, settings, dht=dht)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = cls(config, parts, swarm)
+        model.eval()
+        if (checkpoint.folder / "tokenizer.json").exists() or (checkpoint.folder / "tokenizer_config.json").exists():
+            model.tokenizer = AutoTokenizer.from_pretrained(checkpoint.folder)
+        return model
+
+    # transformers' generate and resize helpers look these up.
+    def get_input_embeddings(self):
+        return self.client.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.client.lm_head
+
+    def inference_session(self, max_length: int) -> InferenceSession:
+        """Opens KV caches on the peers for up to `max_length` tokens per sequence."""
+        return InferenceSession(self.swarm, max_length)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: RemoteCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        hidden = self.client.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if isinstance(past_key_values, RemoteCache):
+            new = hidden.shape[1]
+            new_mask = attention_mask[:, -new:] if attention_mask is not None else None
+            if new_mask is not None and bool(new_mask.all()) and past_key_values.session.position == 0:
+                new_mask = None  # no padding: the peers can use the plain causal mask
+            hidden = past_key_values.session.step(hidden, new_mask, position_ids,
+                                                  past_key_values.take_hypo_ids())
+        else:
+            if attention_mask is not None and bool(attention_mask.all()):
+                attention_mask = None
+            hidden = remote_forward(self.swarm, hidden, attention_mask, position_ids)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.client.logits(hidden)
+        loss = None
+        if labels is not None:
+            loss = ForCausalLMLoss(logits.float(), labels, vocab_size=self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None,
+                 **kwargs):
+        """transformers' generate, with the KV cache on the peers."""
+        if kwargs.get("past_key_values") is not None or kwargs.get("use_cache") is False:
+            return super().generate(inputs, *args, **kwargs)
+        context = nullcontext(session) if session is not None else self.inference_session(
+            self._max_length_for(inputs, kwargs))
+        with context as active:
+            return super().generate(inputs, *args, past_key_values=RemoteCache(active), **kwargs)
+
+    def _max_length_for(self, inputs: torch.Tensor | None, kwargs: dict) -> int:
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        prompt_length = prompt.shape[1] if prompt is not None else 1
+        config = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("max_new_tokens") is not None:
+            return prompt_length + kwargs["max_new_tokens"]
+        if kwargs.get("max_length") is not None:
+            return kwargs["max_length"]
+        if config.max_new_tokens is not None:
+            return prompt_length + config.max_new_tokens
+        return max(config.max_length or 20, prompt_length + 1)
+
+
+class AutoDistributedModelForCausalLM:
+    """`AutoDistributedModelForCausalLM.from_pretrained(name, initial_peers=[...])`, like
+    transformers' Auto classes: picks the family from the checkpoint's config."""
+
+    @staticmethod
+    def from_pretrained(name_or_path: str, initial_peers: list[str] | str = (), **kwargs):
+        return DistributedModelForCausalLM.from_pretrained(name_or_path, initial_peers, **kwargs)
