@@ -22,9 +22,12 @@ from swarm.checkpoint import resolve_checkpoint, config_fingerprint
 from swarm.loading import load_client_parts
 from swarm.models import ClientParts, get_family
 from swarm.registry import make_model_id
+from swarm.tuning import LoRA
+from swarm.tuning.lora import DEFAULT_TARGETS
 
 from .remote import RemoteSwarm, SwarmSettings, remote_forward
 from .session import InferenceSession
+from .tuning import ClientTuning
 
 logger = logging.getLogger(__name__)
 
@@ -63,19 +66,31 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_flash_attn = True
     _supports_flex_attn = True
 
-    def __init__(self, config: PretrainedConfig, parts: ClientParts, swarm: RemoteSwarm):
+    def __init__(self, config: PretrainedConfig, parts: ClientParts, swarm: RemoteSwarm,
+                 tuning: ClientTuning | None = None):
         super().__init__(config)
         self.client = parts
         self.swarm = swarm
+        self.tuning = tuning
         self.tokenizer = None
-        self._active_session: InferenceSession | None = None
+        # With a tuning method only its parameters train; without one, the client's own
+        # embeddings, norm and head do (gradients reach them through the remote blocks).
+        self.client.requires_grad_(tuning is None)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, initial_peers: list[str] | str = (), *, dht=None,
                         settings: SwarmSettings | None = None, dtype: torch.dtype = torch.float32,
-                        **_ignored) -> "DistributedModelForCausalLM":
+                        tuning_mode: str | list[str] | None = None, pre_seq_len: int = 16,
+                        lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
+                        lora_targets: list[str] | None = None, peft_config=None,
+                        ) -> "DistributedModelForCausalLM":
         """The client half of `name_or_path` (a named model, HF folder or .gguf), joined to
-        the swarm through `initial_peers` (multiaddrs printed by `swarm dht`)."""
+        the swarm through `initial_peers` (multiaddrs printed by `swarm dht`).
+
+        `tuning_mode`: None (the client's embeddings, norm and head train), "ptune" (soft
+        prompts of `pre_seq_len` tokens), "deep_ptune" (plus per-block prompts), "lora"
+        (client-owned LoRA on `lora_targets` of every remote block), or a list of them.
+        A `peft.LoraConfig` given as `peft_config` sets the LoRA settings."""
         if isinstance(initial_peers, str):
             initial_peers = [initial_peers]
         checkpoint = resolve_checkpoint(name_or_path)
@@ -86,7 +101,19 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         swarm = RemoteSwarm(list(initial_peers), model_id, family.num_blocks, settings, dht=dht)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        model = cls(config, parts, swarm)
+        tuning = None
+        if peft_config is not None:
+            tuning_mode = tuning_mode or "lora"
+            lora_rank, lora_alpha = peft_config.r, peft_config.lora_alpha
+            lora_dropout = peft_config.lora_dropout
+            targets = peft_config.target_modules
+            lora_targets = [targets] if isinstance(targets, str) else sorted(targets) if targets else None
+        if tuning_mode:
+            modes = [tuning_mode] if isinstance(tuning_mode, str) else list(tuning_mode)
+            lora = LoRA(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
+                        targets=lora_targets or DEFAULT_TARGETS) if "lora" in modes else None
+            tuning = ClientTuning(family, modes, config.hidden_size, pre_seq_len, lora, parts.embed_tokens)
+        model = cls(config, parts, swarm, tuning)
         model.eval()
         if (checkpoint.folder / "tokenizer.json").exists() or (checkpoint.folder / "tokenizer_config.json").exists():
             model.tokenizer = AutoTokenizer.from_pretrained(checkpoint.folder)
@@ -101,7 +128,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def inference_session(self, max_length: int) -> InferenceSession:
         """Opens KV caches on the peers for up to `max_length` tokens per sequence."""
-        return InferenceSession(self.swarm, max_length)
+        prefix = self.tuning.prefix_length if self.tuning is not None else 0
+        payload = self.tuning.payload() if self.tuning is not None else None
+        return InferenceSession(self.swarm, max_length + prefix, payload)
 
     def forward(
         self,
@@ -118,17 +147,36 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.client.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        tuning = self.tuning
+        prefix = tuning.prefix_length if tuning is not None else 0
         if isinstance(past_key_values, RemoteCache):
+            session = past_key_values.session
             new = hidden.shape[1]
             new_mask = attention_mask[:, -new:] if attention_mask is not None else None
-            if new_mask is not None and bool(new_mask.all()) and past_key_values.session.position == 0:
+            if prefix and session.position == 0:
+                hidden, new_mask, _ = tuning.prepend_prompts(hidden, new_mask)
+            if prefix:
+                position_ids = None  # peers count positions from the mask, which includes the prompts
+            if new_mask is not None and bool(new_mask.all()) and session.position == 0:
                 new_mask = None  # no padding: the peers can use the plain causal mask
-            hidden = past_key_values.session.step(hidden, new_mask, position_ids,
-                                                  past_key_values.take_hypo_ids())
+            hidden = session.step(hidden, new_mask, position_ids, past_key_values.take_hypo_ids())
+            if prefix and hidden.shape[1] > new:
+                hidden = hidden[:, -new:]
         else:
+            if prefix:
+                hidden, attention_mask, _ = tuning.prepend_prompts(hidden, attention_mask)
+                position_ids = None
             if attention_mask is not None and bool(attention_mask.all()):
                 attention_mask = None
-            hidden = remote_forward(self.swarm, hidden, attention_mask, position_ids)
+            payload = tuning.payload() if tuning is not None else None
+            if payload is not None and self.training:
+                for method, _ in payload.adapters:
+                    method.seed = int(torch.randint(0, 2**31 - 1, ()))  # same dropout masks in Forward and Backward
+            hidden = remote_forward(self.swarm, hidden, attention_mask, position_ids, payload)
+            for method, _ in payload.adapters if payload is not None else ():
+                method.seed = None  # requests already carry it; inference must not drop out
+            if prefix:
+                hidden = hidden[:, prefix:]
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.client.logits(hidden)

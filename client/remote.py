@@ -15,6 +15,7 @@ from swarm.wire import deserialize_tensor, serialize_tensor, swarm_pb2
 
 from .routing import Hop, MissingBlocksError, RouteFinder
 from .transport import PeerConnection
+from .tuning import TuningPayload
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +67,17 @@ class RemoteSwarm:
 
 
 def _span_inputs(hop: Hop, model_id: str, hidden: swarm_pb2.Tensor, attention_mask: torch.Tensor | None,
-                 position_ids: torch.Tensor | None, codec: str) -> swarm_pb2.SpanInputs:
+                 position_ids: torch.Tensor | None, tuning: TuningPayload, codec: str) -> swarm_pb2.SpanInputs:
     inputs = swarm_pb2.SpanInputs(model_id=model_id, start=hop.start, end=hop.end, response_codec=codec)
     inputs.hidden_states.CopyFrom(hidden)
     if attention_mask is not None:
         inputs.attention_mask.CopyFrom(serialize_tensor(attention_mask.long()))
     if position_ids is not None:
         inputs.position_ids.CopyFrom(serialize_tensor(position_ids.long()))
+    deep_prompts, adapters = tuning.span_messages(hop.start, hop.end)
+    if deep_prompts is not None:
+        inputs.deep_prompts.CopyFrom(deep_prompts)
+    inputs.adapters.extend(adapters)
     return inputs
 
 
@@ -80,34 +85,50 @@ class _ChainCall(torch.autograd.Function):
     """Forward through every hop of a chain; backward through the same hops in reverse.
 
     Activations go from one peer's answer straight into the next peer's request without
-    being decoded on the client; only the chain's output is decoded.
+    being decoded on the client; only the chain's output is decoded. The client's tuning
+    tensors are inputs too, so their gradients (summed over hops) reach the parameters.
     """
 
     @staticmethod
-    def forward(ctx, swarm: RemoteSwarm, chain: list[Hop], attention_mask, position_ids, hidden):
+    def forward(ctx, swarm: RemoteSwarm, chain: list[Hop], attention_mask, position_ids, tuning: TuningPayload,
+                hidden, *tuning_tensors):
         codec, timeout = swarm.settings.codec, swarm.settings.request_timeout
         message = serialize_tensor(hidden.detach(), codec)
         sent = []
         for hop in chain:
-            inputs = _span_inputs(hop, swarm.model_id, message, attention_mask, position_ids, codec)
+            inputs = _span_inputs(hop, swarm.model_id, message, attention_mask, position_ids, tuning, codec)
             sent.append(inputs)
             message = PeerConnection.to(hop.endpoint).forward(swarm_pb2.ForwardRequest(inputs=inputs), timeout)\
                 .hidden_states
-        ctx.swarm, ctx.chain, ctx.sent, ctx.dtype = swarm, chain, sent, hidden.dtype
+        ctx.swarm, ctx.chain, ctx.sent, ctx.dtype, ctx.tuning = swarm, chain, sent, hidden.dtype, tuning
         return deserialize_tensor(message).to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        swarm, timeout = ctx.swarm, ctx.swarm.settings.request_timeout
+        swarm, tuning, timeout = ctx.swarm, ctx.tuning, ctx.swarm.settings.request_timeout
         grad = serialize_tensor(grad_output.contiguous(), swarm.settings.codec)
+        deep_grad = torch.zeros_like(tuning.deep_prompts) if tuning.deep_prompts is not None else None
+        adapter_grads = [{name: None for name in named} for _, named in tuning.adapters]
         for hop, inputs in zip(reversed(ctx.chain), reversed(ctx.sent)):
             request = swarm_pb2.BackwardRequest(inputs=inputs, grad_outputs=grad)
-            grad = PeerConnection.to(hop.endpoint).backward(request, timeout).grad_hidden_states
-        return None, None, None, None, deserialize_tensor(grad).to(ctx.dtype)
+            response = PeerConnection.to(hop.endpoint).backward(request, timeout)
+            grad = response.grad_hidden_states
+            if deep_grad is not None:
+                deep_grad[hop.start:hop.end] = deserialize_tensor(response.grad_deep_prompts).to(deep_grad.dtype)
+            for grads, msg in zip(adapter_grads, response.grad_adapters):
+                for name, tensor in msg.tensors.items():
+                    grads[name] = deserialize_tensor(tensor)
+        flat = [deep_grad] if deep_grad is not None else []
+        for (_, named), grads in zip(tuning.adapters, adapter_grads):
+            flat += [grads[name].to(named[name].dtype) if grads[name] is not None else torch.zeros_like(named[name])
+                     for name in named]
+        return (None, None, None, None, None, deserialize_tensor(grad).to(ctx.dtype), *flat)
 
 
 def remote_forward(swarm: RemoteSwarm, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Hidden states through all blocks of the model, differentiable w.r.t. `hidden`."""
+                   position_ids: torch.Tensor | None = None, tuning: TuningPayload | None = None) -> torch.Tensor:
+    """Hidden states through all blocks of the model, differentiable w.r.t. `hidden` and
+    the tuning tensors."""
+    tuning = tuning or TuningPayload()
     chain = swarm.find_chain(randomize=True)
-    return _ChainCall.apply(swarm, chain, attention_mask, position_ids, hidden)
+    return _ChainCall.apply(swarm, chain, attention_mask, position_ids, tuning, hidden, *tuning.flat())

@@ -17,6 +17,7 @@ from swarm.wire import deserialize_tensor, serialize_tensor, swarm_pb2
 from .remote import RemoteSwarm
 from .routing import Hop
 from .transport import InferenceStream, PeerConnection
+from .tuning import TuningPayload
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +29,11 @@ class SessionError(RuntimeError):
 class InferenceSession:
     """Use as a context manager; `position` is how many tokens the peers hold."""
 
-    def __init__(self, swarm: RemoteSwarm, max_length: int):
+    def __init__(self, swarm: RemoteSwarm, max_length: int, tuning: TuningPayload | None = None):
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         self.swarm, self.max_length = swarm, max_length
+        self.tuning = tuning or TuningPayload()
         self.session_id = uuid.uuid4().hex
         self.position = 0
         self.batch_size: int | None = None
@@ -55,6 +57,10 @@ class InferenceSession:
                 max_length=self.max_length, batch_size=batch_size, dtype="float32",
                 response_codec=settings.codec,
             )
+            deep_prompts, adapters = self.tuning.span_messages(hop.start, hop.end)
+            if deep_prompts is not None:
+                open_msg.deep_prompts.CopyFrom(deep_prompts)
+            open_msg.adapters.extend(adapters)
             self._streams.append(PeerConnection.to(hop.endpoint).open_inference(open_msg, settings.request_timeout))
         self.batch_size = batch_size
         logger.debug("session %s opened through %s", self.session_id,

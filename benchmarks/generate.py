@@ -1,0 +1,62 @@
+"""Decode speed: local transformers generate vs the same generation through 3 peers on
+loopback (greedy, 64 new tokens, median of 5 runs after a warm-up). Prints one JSON line.
+
+    python benchmarks/generate.py [--new-tokens 64] [--runs 5] [--codec raw] [--batch 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from client import AutoDistributedModelForCausalLM, SwarmSettings
+from client.local_swarm import LocalSwarm
+from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
+
+PROMPT = "Write a short story about a fox who learns to fly."
+
+
+def tokens_per_second(model, inputs, new_tokens: int, runs: int) -> float:
+    model.generate(**inputs, max_new_tokens=4, do_sample=False)  # warm-up
+    speeds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        elapsed = time.perf_counter() - start
+        speeds.append((out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0] / elapsed)
+    return statistics.median(speeds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--codec", default="raw")
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+
+    checkpoint = resolve_checkpoint(DEFAULT_MODEL)
+    local = AutoModelForCausalLM.from_pretrained(checkpoint.folder, dtype=torch.float32).eval()
+    with LocalSwarm(["0:10", "10:20", "20:30"]) as swarm:
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            DEFAULT_MODEL, initial_peers=swarm.initial_peers, settings=SwarmSettings(codec=args.codec))
+        inputs = model.tokenizer([PROMPT] * args.batch, return_tensors="pt")
+        local_tps = tokens_per_second(local, inputs, args.new_tokens, args.runs)
+        swarm_tps = tokens_per_second(model, inputs, args.new_tokens, args.runs)
+        local_out = local.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False)
+        swarm_out = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False)
+        model.swarm.shutdown()
+    print(json.dumps({
+        "benchmark": "generate", "model": DEFAULT_MODEL, "peers": 3, "batch": args.batch, "codec": args.codec,
+        "new_tokens": args.new_tokens, "local_tok_s": round(local_tps, 2), "swarm_tok_s": round(swarm_tps, 2),
+        "ratio": round(swarm_tps / local_tps, 3), "greedy_identical": bool(torch.equal(local_out, swarm_out)),
+    }))
+
+
+if __name__ == "__main__":
+    main()
