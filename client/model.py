@@ -26,6 +26,7 @@ from swarm.tuning import LoRA
 from swarm.tuning.lora import DEFAULT_TARGETS
 
 from .remote import RemoteSwarm, SwarmSettings, remote_forward
+from .export import load_adapter, read_tuning_settings, save_adapter
 from .session import InferenceSession
 from .tuning import ClientTuning
 
@@ -82,7 +83,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                         settings: SwarmSettings | None = None, dtype: torch.dtype = torch.float32,
                         tuning_mode: str | list[str] | None = None, pre_seq_len: int = 16,
                         lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
-                        lora_targets: list[str] | None = None, peft_config=None,
+                        lora_targets: list[str] | None = None, peft_config=None, adapter: str | None = None,
                         ) -> "DistributedModelForCausalLM":
         """The client half of `name_or_path` (a named model, HF folder or .gguf), joined to
         the swarm through `initial_peers` (multiaddrs printed by `swarm dht`).
@@ -90,7 +91,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         `tuning_mode`: None (the client's embeddings, norm and head train), "ptune" (soft
         prompts of `pre_seq_len` tokens), "deep_ptune" (plus per-block prompts), "lora"
         (client-owned LoRA on `lora_targets` of every remote block), or a list of them.
-        A `peft.LoraConfig` given as `peft_config` sets the LoRA settings."""
+        A `peft.LoraConfig` given as `peft_config` sets the LoRA settings. `adapter` loads a
+        folder written by `save_adapter` (or a PEFT LoRA folder), settings included."""
         if isinstance(initial_peers, str):
             initial_peers = [initial_peers]
         checkpoint = resolve_checkpoint(name_or_path)
@@ -102,6 +104,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         tuning = None
+        if adapter is not None:
+            saved = read_tuning_settings(adapter)
+            tuning_mode = saved.pop("tuning_mode")
+            pre_seq_len = saved.pop("pre_seq_len", pre_seq_len)
+            lora_rank = saved.get("lora_rank", lora_rank)
+            lora_alpha = saved.get("lora_alpha", lora_alpha)
+            lora_dropout = saved.get("lora_dropout", lora_dropout)
+            lora_targets = saved.get("lora_targets", lora_targets)
         if peft_config is not None:
             tuning_mode = tuning_mode or "lora"
             lora_rank, lora_alpha = peft_config.r, peft_config.lora_alpha
@@ -114,6 +124,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                         targets=lora_targets or DEFAULT_TARGETS) if "lora" in modes else None
             tuning = ClientTuning(family, modes, config.hidden_size, pre_seq_len, lora, parts.embed_tokens)
         model = cls(config, parts, swarm, tuning)
+        model.family, model.name_or_path = family, checkpoint.name
+        if adapter is not None:
+            load_adapter(model, adapter)
         model.eval()
         if (checkpoint.folder / "tokenizer.json").exists() or (checkpoint.folder / "tokenizer_config.json").exists():
             model.tokenizer = AutoTokenizer.from_pretrained(checkpoint.folder)
@@ -125,6 +138,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.client.lm_head
+
+    def save_adapter(self, folder) -> None:
+        """Writes what the client trained (see client/export.py; LoRA in PEFT's format)."""
+        save_adapter(self, folder)
 
     def inference_session(self, max_length: int) -> InferenceSession:
         """Opens KV caches on the peers for up to `max_length` tokens per sequence."""
