@@ -26,19 +26,20 @@ class LocalSwarm:
     """`with LocalSwarm(["0:10", "10:20", "20:30"]) as swarm: swarm.initial_peers`"""
 
     def __init__(self, spans: list[str], model: str = "smollm2-135m-instruct", extra_peer_args: list[str] = (),
-                 start_timeout: float = 180.0):
+                 start_timeout: float = 180.0, dht_initial_peers: list[str] | None = None):
         self.spans, self.model = spans, model
         self.extra_peer_args, self.start_timeout = list(extra_peer_args), start_timeout
         self.logs = Path(tempfile.mkdtemp(prefix="swarmlm-local-"))
         self.procs: list[subprocess.Popen] = []
-        self.initial_peers: list[str] = []
+        # Given: the peers join that DHT instead of a DHT of their own.
+        self.initial_peers: list[str] = list(dht_initial_peers or [])
         self.endpoints: list[str] = []
 
     def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
         out = self.logs / f"{name}.out"
         with open(out, "w") as stdout, open(self.logs / f"{name}.err", "w") as stderr:
             proc = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=stdout, stderr=stderr,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
         self.procs.append(proc)
         return proc, out
 
@@ -56,8 +57,10 @@ class LocalSwarm:
 
     def __enter__(self) -> "LocalSwarm":
         try:
-            dht, out = self._spawn("dht", ["dht", "--host", "127.0.0.1"])
-            self.initial_peers = [self._wait(dht, out, re.compile(r"(/ip4/127\.0\.0\.1/\S+)"), "swarm dht").group(1)]
+            if not self.initial_peers:
+                dht, out = self._spawn("dht", ["dht", "--host", "127.0.0.1"])
+                maddr = re.compile(r"(/ip4/127\.0\.0\.1/\S+)")
+                self.initial_peers = [self._wait(dht, out, maddr, "swarm dht").group(1)]
             peers = []
             for i, span in enumerate(self.spans):
                 peers.append(self._spawn(f"peer{i}", [
@@ -85,6 +88,17 @@ class LocalSwarm:
                 pass
             _signal_group(proc, signal.SIGKILL)  # whatever the group left behind
         self.procs.clear()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this child when the process that started it dies, even by SIGKILL,
+    so a killed demo or test run leaves no peers behind (they shut down cleanly on SIGTERM)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -1,0 +1,48 @@
+"""Finding peers through the DHT: peers that join later are found, uncovered blocks are
+named quickly, and `swarm status` shows both."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from client import AutoDistributedModelForCausalLM, MissingBlocksError, SwarmSettings
+from client.local_swarm import LocalSwarm
+from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
+
+pytestmark = pytest.mark.integration
+
+
+def status(initial_peers: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "swarm.cli", "status", "--initial-peers", initial_peers[0]],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_uncovered_blocks_then_a_late_peer_completes_the_swarm():
+    resolve_checkpoint(DEFAULT_MODEL)
+    with LocalSwarm(["0:15"]) as swarm:
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            DEFAULT_MODEL, initial_peers=swarm.initial_peers, settings=SwarmSettings(wait_for_peers=2.0))
+        inputs = model.tokenizer("Hello", return_tensors="pt")
+        started = time.monotonic()
+        with pytest.raises(MissingBlocksError, match=r"blocks 15-29"):
+            model.generate(**inputs, max_new_tokens=2)
+        assert time.monotonic() - started < 10, "a missing block must be reported within seconds, not hang"
+
+        report = status(swarm.initial_peers)
+        assert report.returncode == 1 and "UNCOVERED blocks: 15-29" in report.stdout
+
+        # Peers joining later: [15, 30) completes the swarm, and a replica of [0, 15).
+        with LocalSwarm(["15:30", "0:15"], dht_initial_peers=swarm.initial_peers):
+            report = status(swarm.initial_peers)
+            assert report.returncode == 0, report.stdout + report.stderr
+            assert "all blocks covered" in report.stdout
+            assert report.stdout.count("blocks   0:15") == 2 and report.stdout.count("blocks  15:30") == 1
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+        model.swarm.shutdown()
+

@@ -1,0 +1,101 @@
+"""The client against a real swarm (DHT + three peer processes on 127.0.0.1): everything
+that comes out must equal local transformers on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TextStreamer
+
+from client import AutoDistributedModelForCausalLM
+from client.local_swarm import LocalSwarm
+from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["A quick brown fox", "The capital of France is", "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="module")
+def swarm():
+    resolve_checkpoint(DEFAULT_MODEL)  # convert once before three peers wait on it
+    with LocalSwarm(["0:10", "10:20", "20:30"]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def model(swarm):
+    model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=swarm.initial_peers)
+    yield model
+    model.swarm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local():
+    return AutoModelForCausalLM.from_pretrained(resolve_checkpoint(DEFAULT_MODEL).folder, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_matches_local(model, local, prompt):
+    inputs = model.tokenizer(prompt, return_tensors="pt")
+    ours = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    theirs = local.generate(**inputs, max_new_tokens=24, do_sample=False)
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_batch_with_left_padding_matches_local(model, local):
+    tokenizer = model.tokenizer
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(["Hello, my name is", "The best way to learn a language is to"], return_tensors="pt",
+                       padding=True)
+    assert (inputs["attention_mask"] == 0).any(), "the prompts must differ in length for this test"
+    ours = model.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    theirs = local.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_sampling_with_seed_matches_local(model, local):
+    inputs = model.tokenizer("Once upon a time", return_tensors="pt")
+    options = dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.3, max_new_tokens=20)
+    torch.manual_seed(7)
+    ours = model.generate(**inputs, **options)
+    torch.manual_seed(7)
+    theirs = local.generate(**inputs, **options)
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_beam_search_matches_local(model, local):
+    inputs = model.tokenizer("The meaning of life is", return_tensors="pt")
+    ours = model.generate(**inputs, num_beams=3, max_new_tokens=10, do_sample=False)
+    theirs = local.generate(**inputs, num_beams=3, max_new_tokens=10, do_sample=False)
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_eos_stops_and_streamer_streams(model, local, capsys):
+    tokenizer = model.tokenizer
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], tokenize=False,
+                                         add_generation_prompt=True)
+    inputs = tokenizer(text, return_tensors="pt")
+    ours = model.generate(**inputs, max_new_tokens=200, do_sample=False,
+                          streamer=TextStreamer(tokenizer, skip_prompt=True))
+    theirs = local.generate(**inputs, max_new_tokens=200, do_sample=False)
+    assert ours.tolist() == theirs.tolist()
+    assert ours.shape[1] < inputs["input_ids"].shape[1] + 200, "generation should stop at EOS"
+    new_text = tokenizer.decode(ours[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert new_text.strip() and new_text.strip() in capsys.readouterr().out
+
+
+def test_loss_and_logits_match_local(model, local):
+    inputs = model.tokenizer(["A quick brown fox jumps over the lazy dog"], return_tensors="pt")
+    with torch.no_grad():
+        ours = model(**inputs, labels=inputs["input_ids"])
+        theirs = local(**inputs, labels=inputs["input_ids"])
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_model_parameters_are_only_the_clients(model):
+    names = {name.split(".")[0] for name, _ in model.named_parameters()}
+    assert names == {"client"}
+    assert sum(p.numel() for p in model.parameters()) == model.config.vocab_size * model.config.hidden_size \
+        + model.config.hidden_size  # tied embeddings/head + final norm: no block weights on the client
