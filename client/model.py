@@ -10,8 +10,6 @@ inference session that a `RemoteCache` stands in for.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
-
 import torch
 from transformers import AutoTokenizer, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
@@ -27,6 +25,7 @@ from swarm.tuning.lora import DEFAULT_TARGETS
 
 from .remote import RemoteSwarm, SwarmSettings, remote_forward
 from .export import load_adapter, read_tuning_settings, save_adapter
+from .sequential import RemoteBody
 from .session import InferenceSession
 from .tuning import ClientTuning
 
@@ -72,6 +71,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.client = parts
         self.swarm = swarm
+        self.model = RemoteBody(swarm)  # model.model.layers: the remote blocks as a module
         self.tuning = tuning
         self.tokenizer = None
         # With a tuning method only its parameters train; without one, the client's own
@@ -174,8 +174,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 hidden, new_mask, _ = tuning.prepend_prompts(hidden, new_mask)
             if prefix:
                 position_ids = None  # peers count positions from the mask, which includes the prompts
-            if new_mask is not None and bool(new_mask.all()) and session.position == 0:
-                new_mask = None  # no padding: the peers can use the plain causal mask
+            if new_mask is not None and bool(new_mask.all()):
+                new_mask = None  # no padding here: peers extend their mask with ones themselves
             hidden = session.step(hidden, new_mask, position_ids, past_key_values.take_hypo_ids())
             if prefix and hidden.shape[1] > new:
                 hidden = hidden[:, -new:]
@@ -207,10 +207,34 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         """transformers' generate, with the KV cache on the peers."""
         if kwargs.get("past_key_values") is not None or kwargs.get("use_cache") is False:
             return super().generate(inputs, *args, **kwargs)
-        context = nullcontext(session) if session is not None else self.inference_session(
-            self._max_length_for(inputs, kwargs))
-        with context as active:
-            return super().generate(inputs, *args, past_key_values=RemoteCache(active), **kwargs)
+        if session is not None:
+            return self._continue_session(session, inputs, *args, **kwargs)
+        with self.inference_session(self._max_length_for(inputs, kwargs)) as active:
+            output = super().generate(inputs, *args, past_key_values=RemoteCache(active), **kwargs)
+        return output
+
+    def _continue_session(self, session: InferenceSession, inputs: torch.Tensor | None, *args, **kwargs):
+        """A turn of a multi-turn session: `inputs` are only the new tokens. The peers hold
+        the history except the previous turn's last token, which generate chose but never
+        fed; it goes first now. The mask covers the whole history, so transformers knows
+        the inputs are only the new part and positions continue where they stopped."""
+        inputs = kwargs.pop("input_ids", inputs)
+        if inputs is None:
+            raise ValueError("pass the new tokens of this turn as input_ids")
+        pending = session.pending_tokens
+        if pending is not None:
+            inputs = torch.cat([pending.to(inputs.device), inputs], dim=1)
+        prefix = self.tuning.prefix_length if self.tuning is not None and session.position else 0
+        history = session.position - prefix
+        new_mask = kwargs.pop("attention_mask", None)
+        if new_mask is None:
+            new_mask = torch.ones_like(inputs)
+        elif pending is not None:
+            new_mask = torch.cat([torch.ones_like(pending), new_mask.to(inputs.device)], dim=1)
+        mask = torch.cat([new_mask.new_ones(inputs.shape[0], history), new_mask], dim=1)
+        output = super().generate(inputs, *args, attention_mask=mask, past_key_values=RemoteCache(session), **kwargs)
+        session.pending_tokens = output[:, -1:]
+        return output[:, pending.shape[1]:] if pending is not None else output
 
     def _max_length_for(self, inputs: torch.Tensor | None, kwargs: dict) -> int:
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))

@@ -54,13 +54,15 @@ class RemoteSwarm:
         """A chain covering [start, end); waits up to `wait_for_peers` for missing blocks
         (peers that just started may not be in the DHT yet), then names them."""
         deadline = time.monotonic() + self.settings.wait_for_peers
+        refresh = False
         while True:
             try:
-                return self.routes.find_chain(self.records(refresh=self._records is not None), start, end, randomize)
+                return self.routes.find_chain(self.records(refresh=refresh), start, end, randomize)
             except MissingBlocksError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+                refresh = True
 
     def shutdown(self) -> None:
         self.dht.shutdown()
@@ -126,9 +128,10 @@ class _ChainCall(torch.autograd.Function):
 
 
 def remote_forward(swarm: RemoteSwarm, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   position_ids: torch.Tensor | None = None, tuning: TuningPayload | None = None) -> torch.Tensor:
-    """Hidden states through all blocks of the model, differentiable w.r.t. `hidden` and
-    the tuning tensors."""
+                   position_ids: torch.Tensor | None = None, tuning: TuningPayload | None = None,
+                   start: int = 0, end: int | None = None) -> torch.Tensor:
+    """Hidden states through blocks [start, end) (default: all), differentiable w.r.t.
+    `hidden` and the tuning tensors."""
     tuning = tuning or TuningPayload()
-    chain = swarm.find_chain(randomize=True)
+    chain = swarm.find_chain(start, end, randomize=True)
     return _ChainCall.apply(swarm, chain, attention_mask, position_ids, tuning, hidden, *tuning.flat())

@@ -40,6 +40,8 @@ class InferenceSession:
         self._chain: list[Hop] = []
         self._streams: list[InferenceStream] = []
         self._step_id = 0
+        # The last token generate chose in the previous turn: it was never sent to the peers.
+        self.pending_tokens: torch.Tensor | None = None
         self.closed = False
 
     def __enter__(self) -> "InferenceSession":

@@ -1,0 +1,283 @@
+"""`swarm finetune`: train the client's own parameters (soft prompts, deep prompts, LoRA, or the
+client's embeddings/norm/head) through the swarm on a JSONL file, resumably.
+
+The story of a run: read and check the data (before touching the network), look in --out for
+a previous save, join the swarm, then step: batch -> forward/backward through the peers ->
+AdamW. Every --save-every steps, and at the end, the state, loss curve and adapter are
+written atomically (see client/checkpointing.py). Re-running the same command carries on
+from the last save; Ctrl-C finishes the current step, saves and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from swarm.checkpoint import DEFAULT_MODEL
+
+MODES = ("ptune", "deep_ptune", "lora", "none")
+DEFAULT_LR = {"ptune": 1e-2, "deep_ptune": 1e-2, "lora": 1e-3, "none": 1e-5}
+EXIT_INTERRUPTED = 130  # what shells report for a Ctrl-C'd command
+
+EPILOG = f"""\
+data: a JSONL file, one example a line, either
+  {{"text": "..."}}                            loss on every token
+  {{"prompt": "...", "completion": "..."}}     loss on the completion only
+Each example ends with the EOS token. A file with bad lines is refused, naming every one.
+
+output (--out DIR): adapter/ (load with from_pretrained(..., adapter=DIR/adapter)),
+  loss.csv, loss.png and state.pt. Run the same command again to continue from the last
+  save, or with a larger --steps to train longer. Ctrl-C saves and stops.
+
+default --lr by mode: {", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items())}
+
+example:
+  swarm finetune --initial-peers $(head -1 dht.txt) --data chat.jsonl --out runs/chat \\
+      --mode lora --lora-rank 8 --steps 200 --batch-size 8 --save-every 50
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarm finetune",
+        description="Fine-tune your own small parameters (soft prompts, deep prompts, LoRA, or the\n"
+                    "client's embeddings and head) of a model whose blocks are served by peers.\n"
+                    "The peers' weights never change.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--initial-peers", action="append", required=True, metavar="MULTIADDR",
+                        help="a DHT multiaddr, as printed by `swarm dht` (repeatable or comma-separated)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, HF folder or .gguf (default {DEFAULT_MODEL})")
+    parser.add_argument("--data", required=True, metavar="FILE.jsonl", help="training examples (see below)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where the adapter, loss curve and state go")
+    parser.add_argument("--mode", choices=MODES, default="lora",
+                        help="what trains: ptune (soft prompts), deep_ptune (plus per-block prompts), lora, "
+                             "none (the client's embeddings, norm and LM head) (default lora)")
+    parser.add_argument("--pre-seq-len", type=int, default=16, metavar="N", help="soft prompt length for ptune/deep_ptune (default 16)")
+    parser.add_argument("--lora-rank", type=int, default=8, metavar="R", help="(default 8)")
+    parser.add_argument("--lora-alpha", type=float, default=16.0, metavar="A", help="scaling is alpha/rank (default 16)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, metavar="P", help="(default 0)")
+    parser.add_argument("--lora-targets", default=None, metavar="NAMES",
+                        help="comma-separated linear layers of each block, e.g. q_proj,k_proj,v_proj,o_proj "
+                             "(default self_attn.q_proj,self_attn.v_proj)")
+    parser.add_argument("--steps", type=int, default=100, help="total optimizer steps of the run, resumed ones included (default 100)")
+    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default depends on --mode, see below)")
+    parser.add_argument("--batch-size", type=int, default=4, help="examples per step (default 4)")
+    parser.add_argument("--max-length", type=int, default=256, metavar="TOKENS", help="truncate each example to this many tokens (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and dropout (default 0)")
+    parser.add_argument("--save-every", type=int, default=25, metavar="N", help="save every N steps, and at the end (default 25)")
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for flag, value, least in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                               ("--max-length", args.max_length, 2), ("--save-every", args.save_every, 1),
+                               ("--pre-seq-len", args.pre_seq_len, 1), ("--lora-rank", args.lora_rank, 1)):
+        if value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
+    if args.lr is not None and args.lr <= 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.lora_targets is not None and not [t for t in args.lora_targets.split(",") if t.strip()]:
+        parser.error("--lora-targets names no layer")
+
+
+def run_setup(args: argparse.Namespace) -> dict:
+    """The settings that fix what the trainable parameters are; a resumed run must match them."""
+    from swarm.tuning.lora import DEFAULT_TARGETS
+
+    setup = {"model": args.model, "mode": args.mode}
+    if args.mode in ("ptune", "deep_ptune"):
+        setup["pre_seq_len"] = args.pre_seq_len
+    if args.mode == "lora":
+        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else list(DEFAULT_TARGETS)
+        setup.update(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=targets)
+    return setup
+
+
+class GracefulStop:
+    """Ctrl-C once: finish the step, save, exit. Twice: abandon the step now (only while it waits
+    on the network; never halfway through an optimizer update), still saving the last whole step."""
+
+    def __init__(self):
+        self.requested = False
+        self._interruptible = False
+        self._previous = None
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and self._interruptible:
+            raise KeyboardInterrupt
+        if not self.requested:
+            self.requested = True
+            print("\nstopping after this step to save it (Ctrl-C again to abandon the step)", file=sys.stderr, flush=True)
+
+    @contextmanager
+    def interruptible(self):
+        self._interruptible = True
+        try:
+            if self.requested:
+                raise KeyboardInterrupt
+            yield
+        finally:
+            self._interruptible = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from client import checkpointing as ckpt
+    from client.data import DataError, file_digest, read_jsonl
+
+    out = Path(args.out)
+    try:
+        records = read_jsonl(args.data)  # bad data fails here, before the swarm is joined
+    except DataError as e:
+        print(f"swarm finetune: error: {e}", file=sys.stderr)
+        return 2
+    setup = run_setup(args)
+    state = ckpt.load_state(out) if out.exists() else None
+    if state is not None:
+        mismatch = ckpt.setup_mismatch(state.setup, setup)
+        if mismatch:
+            print(f"swarm finetune: error: {out} holds a run with other settings ({mismatch}); "
+                  "use the same settings to resume, or a fresh --out", file=sys.stderr)
+            return 2
+        if state.step >= args.steps:
+            print(f"{out} already finished: step {state.step} of --steps {args.steps}; nothing to do "
+                  "(raise --steps to train longer)")
+            return 0
+    out.mkdir(parents=True, exist_ok=True)
+
+    from client import AutoDistributedModelForCausalLM  # only now: transformers takes seconds to import
+
+    torch.manual_seed(args.seed)  # the initial soft prompts / LoRA A draw from it
+    peers = [p for item in args.initial_peers for p in item.split(",") if p]
+    modes = None if args.mode == "none" else args.mode
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        args.model, initial_peers=peers, tuning_mode=modes, pre_seq_len=args.pre_seq_len,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_targets=setup.get("lora_targets"))
+    try:
+        if model.tokenizer is None:
+            print(f"swarm finetune: error: {args.model} has no tokenizer to read the data with", file=sys.stderr)
+            return 2
+        return train(model, args, out, records, state, setup, file_digest(args.data))
+    except DataError as e:
+        print(f"swarm finetune: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        model.swarm.shutdown()
+
+
+def train(model, args: argparse.Namespace, out: Path, records, state, setup: dict, digest: str) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from client import checkpointing as ckpt
+    from client.data import BatchStream, pad_id_of, tokenize
+
+    examples = tokenize(records, model.tokenizer, args.max_length, path=args.data)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(list(params.values()), lr=args.lr or DEFAULT_LR[args.mode], weight_decay=0.0)
+    losses: list[float] = []
+    position = 0
+    if state is not None:
+        if state.trainable.keys() != params.keys():
+            raise RuntimeError(f"{out / ckpt.STATE_FILE} holds parameters {sorted(state.trainable)[:3]}..., "
+                               f"this model trains {sorted(params)[:3]}...; use a fresh --out")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state.trainable[name])
+        optimizer.load_state_dict(state.optimizer)
+        for group in optimizer.param_groups:  # a new --lr applies from here on
+            group["lr"] = args.lr or DEFAULT_LR[args.mode]
+        torch.set_rng_state(state.rng)
+        losses, position = list(state.losses), state.data_position
+        if state.data_digest != digest:
+            print(f"note: {args.data} changed since the last save; continuing on the new data", file=sys.stderr)
+        print(f"resuming from step {state.step}", flush=True)
+    stream = BatchStream(examples, args.batch_size, pad_id_of(model.tokenizer), seed=args.seed, position=position)
+    done = len(losses)
+    saved = done
+
+    def save() -> None:
+        nonlocal saved
+        if hasattr(model, "save_adapter"):
+            ckpt.replace_dir(out / ckpt.ADAPTER_DIR, model.save_adapter)
+        ckpt.write_loss_csv(out, losses)
+        if losses:
+            ckpt.write_loss_plot(out, losses, f"{args.model} · {args.mode}")
+        # state.pt last: it is what a resumed run trusts, so it only ever names a save that is whole.
+        ckpt.save_state(out, ckpt.TrainingState(
+            setup=setup, step=done, trainable={n: p.detach().clone() for n, p in params.items()},
+            optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), data_position=stream.position,
+            data_digest=digest, losses=list(losses)))
+        saved = done
+
+    trainable = sum(p.numel() for p in params.values())
+    print(f"training {trainable:,} parameters ({args.mode}) on {len(examples)} examples "
+          f"for steps {done + 1}..{args.steps}", flush=True)
+    model.train()
+    started = time.perf_counter()
+    bar = tqdm(total=args.steps, initial=done, desc="finetune", unit="step", dynamic_ncols=True)
+    with GracefulStop() as stop:
+        while done < args.steps:
+            position_before, rng_before = stream.position, torch.get_rng_state()
+            try:
+                with stop.interruptible():
+                    batch = stream.next_batch()
+                    loss = model(**batch).loss
+                    loss.backward()
+            except BaseException as e:
+                # Nothing of this step reached the parameters: roll its data and RNG back, keep what is whole.
+                stream.position = position_before
+                torch.set_rng_state(rng_before)
+                optimizer.zero_grad(set_to_none=True)
+                bar.close()
+                if done > saved:
+                    save()
+                if isinstance(e, KeyboardInterrupt):
+                    print(f"interrupted: saved at step {saved}; run the same command to continue", flush=True)
+                    return EXIT_INTERRUPTED
+                print(f"step {done + 1} failed; saved at step {saved}; run the same command to continue",
+                      file=sys.stderr, flush=True)
+                raise
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done += 1
+            losses.append(float(loss.detach()))
+            recent = losses[-10:]
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", avg10=f"{sum(recent) / len(recent):.4f}")
+            bar.update(1)
+            if done % args.save_every == 0 or done == args.steps or stop.requested:
+                save()
+            if stop.requested and done < args.steps:
+                bar.close()
+                print(f"interrupted: saved at step {done}; run the same command to continue", flush=True)
+                return EXIT_INTERRUPTED
+    bar.close()
+    elapsed = time.perf_counter() - started
+    where = f"{out / ckpt.ADAPTER_DIR}" if hasattr(model, "save_adapter") else f"{out / ckpt.STATE_FILE} (no save_adapter)"
+    print(f"done: step {done}, loss {losses[-1]:.4f}, {elapsed:.1f} s this run; saved {where}, "
+          f"{out / ckpt.LOSS_CSV}, {out / ckpt.LOSS_PNG}", flush=True)
+    return 0
