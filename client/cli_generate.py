@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Tokens stream to stdout; speed goes to stderr.",
         epilog='example: swarm generate --initial-peers /ip4/127.0.0.1/tcp/4321/p2p/Qm... --chat "What is a swarm?"',
     )
-    parser.add_argument("prompt", help="the text to continue (or, with --chat, your message)")
+    parser.add_argument("prompt", nargs="?", help="the text to continue (or, with --chat, your message); "
+                        "--chat without a prompt starts an interactive chat")
     parser.add_argument("--initial-peers", action="append", required=True, metavar="MULTIADDR",
                         help="a DHT multiaddr, as printed by `swarm dht` (repeatable)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, HF folder or .gguf (default {DEFAULT_MODEL})")
@@ -46,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=peers,
                                                             settings=SwarmSettings(codec=args.codec))
     tokenizer = model.tokenizer
+    if args.prompt is None:
+        if not args.chat:
+            print("swarm generate: give a prompt, or use --chat for an interactive chat", file=sys.stderr)
+            return 2
+        return interactive_chat(model, args)
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                              add_generation_prompt=True)
@@ -54,10 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     inputs = tokenizer(text, return_tensors="pt")
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
-        if args.sample else dict(do_sample=False)
+    sampling = sampling_options(args)
     start = time.perf_counter()
-    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
                             streamer=TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True),
                             pad_token_id=tokenizer.pad_token_id, **sampling)
     elapsed = time.perf_counter() - start
@@ -65,3 +70,49 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[{new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s]", file=sys.stderr)
     model.swarm.shutdown()
     return 0
+
+
+def sampling_options(args) -> dict:
+    if args.sample:
+        return dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty)
+    return dict(do_sample=False, repetition_penalty=args.repetition_penalty)
+
+
+CHAT_SESSION_TOKENS = 4096
+
+
+def interactive_chat(model, args) -> int:
+    """A multi-turn chat on one inference session: each turn sends only its new tokens.
+    `/reset` starts over; Ctrl-D quits."""
+    from transformers import TextStreamer
+
+    tokenizer = model.tokenizer
+    print("chat with the swarm: /reset starts over, Ctrl-D quits", file=sys.stderr)
+    while True:
+        session = model.inference_session(max_length=CHAT_SESSION_TOKENS)
+        try:
+            while True:
+                try:
+                    text = input("you> ").strip()
+                except EOFError:
+                    print(file=sys.stderr)
+                    return 0
+                if text == "/reset":
+                    print("(conversation reset)", file=sys.stderr)
+                    break
+                if not text:
+                    continue
+                message = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                        add_generation_prompt=True)
+                ids = tokenizer(message, return_tensors="pt")["input_ids"]
+                print("assistant> ", end="", flush=True)
+                start = time.perf_counter()
+                output = model.generate(ids, session=session, max_new_tokens=args.max_new_tokens,
+                                        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+                                        **sampling_options(args))
+                new = output.shape[1] - ids.shape[1]
+                print(f"[{new / (time.perf_counter() - start):.1f} tokens/s, {session.position} tokens in session]",
+                      file=sys.stderr)
+        finally:
+            session.close()

@@ -78,8 +78,11 @@ class LocalSwarm:
         self.stop()
 
     def stop(self) -> None:
+        # SIGTERM to each leader only: a peer shuts its own DHT process down after withdrawing
+        # its records; signalling the group would kill that process first and stall withdraw.
         for proc in reversed(self.procs):
-            _signal_group(proc, signal.SIGTERM)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
         for proc in self.procs:
             try:
