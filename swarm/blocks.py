@@ -147,6 +147,8 @@ class BlockSpan(nn.Module):
             raise SpanInputError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
         if deep_prompts is not None:
             self._check_deep_prompts(deep_prompts, batch_size)
+        with adapters_applied(self.layers, self.start, list(adapters)):
+            pass  # checks every tensor against its block now: a bad session is refused when it opens
         return InferenceState(cache=self.family.new_cache(self.span_config), batch_size=batch_size,
                               max_length=max_length, deep_prompts=deep_prompts, adapters=list(adapters))
 
@@ -166,53 +168,65 @@ class BlockSpan(nn.Module):
         (if given) is how many tokens the client believes the cache holds: less than we hold
         rolls the cache back (the client is replaying or re-branching), more is an error.
         """
+        # Everything is checked before the session changes: a refused step leaves it as it was.
         batch, new = self._check_hidden(hidden_states, expected_batch=state.batch_size)
-        if position is not None and position != state.position:
-            self._rollback(state, position)
-        if state.position + new > state.max_length:
+        past = state.position if position is None else position
+        if not 0 <= past <= state.position:
+            raise SpanInputError(f"step position {past} is ahead of the {state.position} tokens this session holds")
+        if past + new > state.max_length:
             raise SpanInputError(
-                f"session holds {state.position} tokens; {new} more exceed its max_length {state.max_length}"
+                f"session holds {past} tokens; {new} more exceed its max_length {state.max_length}"
             )
         if hypo_ids is not None:
+            hypo_ids = self._check_hypo_ids(state, hypo_ids)
+        attention_mask = self._check_mask(attention_mask, batch, new)
+        if position_ids is not None:
+            self._check_positions(position_ids, batch, new)
+
+        if past < state.position:
+            self._rollback(state, past)
+        if hypo_ids is not None:
             self._reorder(state, hypo_ids)
-        if attention_mask is not None:
-            attention_mask = self._check_mask(attention_mask, batch, new)
-        if attention_mask is not None or state.attention_mask is not None:
-            past_mask = state.attention_mask
-            if past_mask is None:
-                past_mask = torch.ones(batch, state.position, dtype=torch.long, device=hidden_states.device)
+        full_mask = state.attention_mask
+        if attention_mask is not None or full_mask is not None:
+            if full_mask is None:
+                full_mask = torch.ones(batch, past, dtype=torch.long, device=hidden_states.device)
             if attention_mask is None:
                 attention_mask = torch.ones(batch, new, dtype=torch.long, device=hidden_states.device)
-            state.attention_mask = torch.cat([past_mask, attention_mask.long()], dim=1)
+            full_mask = torch.cat([full_mask, attention_mask], dim=1)
         if position_ids is None:
-            position_ids = default_position_ids(state.attention_mask, state.position, new, batch,
-                                                hidden_states.device)
-        self._check_positions(position_ids, batch, new)
-        before_block = self._deep_prompt_adder(state.deep_prompts, batch, past=state.position, new=new)
+            position_ids = default_position_ids(full_mask, past, new, batch, hidden_states.device)
+        before_block = self._deep_prompt_adder(state.deep_prompts, batch, past=past, new=new)
         with adapters_applied(self.layers, self.start, state.adapters):
             outputs = self.family.run_layers(
                 self.layers, self.rotary, self.span_config, self.start, hidden_states,
-                state.attention_mask, position_ids, cache=state.cache, before_block=before_block,
+                full_mask, position_ids, cache=state.cache, before_block=before_block,
             )
-        state.position += new
+        # Committed only now: a step refused above, or failing in the layers, leaves the
+        # padding mask and position as they were.
+        state.attention_mask = full_mask
+        state.position = past + new
         return outputs
 
-    def _rollback(self, state: InferenceState, position: int) -> None:
-        if not 0 <= position <= state.position:
-            raise SpanInputError(f"step position {position} is ahead of the {state.position} tokens this session holds")
-        if position < state.position:
-            state.cache.crop(position - state.position)
-            if state.attention_mask is not None:
-                state.attention_mask = state.attention_mask[:, :position]
-            state.position = position
+    @staticmethod
+    def _rollback(state: InferenceState, position: int) -> None:
+        state.cache.crop(position - state.position)
+        if state.attention_mask is not None:
+            state.attention_mask = state.attention_mask[:, :position]
+        state.position = position
 
-    def _reorder(self, state: InferenceState, hypo_ids: torch.Tensor) -> None:
+    @staticmethod
+    def _check_hypo_ids(state: InferenceState, hypo_ids: torch.Tensor) -> torch.Tensor:
         if hypo_ids.shape != (state.batch_size,) or hypo_ids.is_floating_point() or hypo_ids.dtype == torch.bool:
             raise SpanInputError(f"hypo_ids must be integers of shape ({state.batch_size},), got "
                                  f"{hypo_ids.dtype} {tuple(hypo_ids.shape)}")
         hypo_ids = hypo_ids.long()
         if hypo_ids.numel() and (hypo_ids.min() < 0 or hypo_ids.max() >= state.batch_size):
             raise SpanInputError(f"hypo_ids must be in [0, {state.batch_size})")
+        return hypo_ids
+
+    @staticmethod
+    def _reorder(state: InferenceState, hypo_ids: torch.Tensor) -> None:
         state.cache.reorder_cache(hypo_ids)
         if state.attention_mask is not None:
             state.attention_mask = state.attention_mask[hypo_ids]

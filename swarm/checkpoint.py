@@ -26,7 +26,6 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 logger = logging.getLogger(__name__)
@@ -93,11 +92,15 @@ class Checkpoint:
                 f"{self.folder} has no model.safetensors or model.safetensors.index.json; "
                 "save the model with save_pretrained(..., safe_serialization=True)"
             )
-        with safe_open(single, framework="pt") as f:
-            return {key: single for key in f.keys()}
+        return {key: single for key in _read_header(single) if key not in ("__metadata__", "__data_start__")}
 
     def read_tensors(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """Reads exactly these tensors, opening each safetensors file once."""
+        """Reads exactly these tensors into memory of their own, opening each file once.
+
+        Plain reads, not safetensors' mmap: a mapped tensor's pages count as the process's
+        memory once touched and stay file-backed, so the kernel may page them out when idle
+        (proactive reclaim does) and every later step re-reads the disk. Reading only the
+        requested byte ranges keeps a peer's memory to its span's own tensors."""
         by_file: dict[Path, list[str]] = {}
         for key in keys:
             if key not in self.weight_files:
@@ -105,9 +108,13 @@ class Checkpoint:
             by_file.setdefault(self.weight_files[key], []).append(key)
         tensors = {}
         for path, file_keys in by_file.items():
-            with safe_open(path, framework="pt") as f:
-                for key in file_keys:
-                    tensors[key] = f.get_tensor(key)
+            if not path.is_file():
+                raise CheckpointError(f"{path.name} is missing from {self.folder}, yet its index lists tensor "
+                                      f"{file_keys[0]!r} there; download or copy the whole checkpoint")
+            header = _read_header(path)
+            with open(path, "rb") as f:
+                for key in sorted(file_keys, key=lambda k: header[k]["data_offsets"][0]):
+                    tensors[key] = _read_tensor(f, header["__data_start__"], header[key], path, key)
         return tensors
 
     def tensors_fingerprint(self, keys: list[str]) -> str:
@@ -119,13 +126,45 @@ class Checkpoint:
         for key in sorted(keys):
             path = self.weight_files[key]
             if path not in headers:
-                with open(path, "rb") as f:
-                    size = int.from_bytes(f.read(8), "little")
-                    headers[path] = json.loads(f.read(size))
+                headers[path] = _read_header(path)
                 digest.update(str(path.stat().st_size).encode())
             digest.update(key.encode())
             digest.update(json.dumps(headers[path].get(key), sort_keys=True).encode())
         return digest.hexdigest()[:16]
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _read_header(path: Path) -> dict:
+    """A safetensors file's header (tensor name -> dtype, shape, byte offsets), plus where
+    its data starts under the key ``__data_start__``."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a readable safetensors file: its header is not a JSON object")
+    header["__data_start__"] = 8 + size
+    return header
+
+
+def _read_tensor(f, data_start: int, entry: dict, path: Path, key: str) -> torch.Tensor:
+    """One tensor from an open safetensors file, read straight into a fresh buffer."""
+    if entry["dtype"] not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"tensor {key!r} in {path} has dtype {entry['dtype']}, which we cannot read")
+    begin, end = entry["data_offsets"]
+    buffer = torch.empty(end - begin, dtype=torch.uint8)
+    f.seek(data_start + begin)
+    if end > begin and f.readinto(memoryview(buffer.numpy())) != end - begin:
+        raise CheckpointError(f"{path} is truncated: tensor {key!r} ends past the end of the file")
+    return buffer.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def config_fingerprint(config: PretrainedConfig) -> str:

@@ -87,7 +87,11 @@ class ModelFamily:
         return self._modeling_class("RotaryEmbedding")(config=span_config)
 
     def new_cache(self, span_config: PretrainedConfig) -> Cache:
-        return DynamicCache(config=span_config)
+        # Every layer keeps all its keys/values, sliding-window layers included (their masks
+        # still limit what they see): a sliding layer that drops old tokens cannot be rolled
+        # back past its window, and a session must be able to rewind to any position. The
+        # session's max_length bounds the memory either way.
+        return DynamicCache()
 
     def build_client_parts(self) -> ClientParts:
         config = self.config

@@ -1,0 +1,117 @@
+"""swarm.models: every claimed model type, as a tiny random model saved like any Hugging Face
+folder, split into spans, gives transformers' logits and greedy tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from swarm.checkpoint import Checkpoint, resolve_checkpoint
+from swarm.loading import load_client_parts, load_span
+from swarm.models import FAMILIES, UnsupportedModelError, get_family
+
+# GQA (4 query heads share 2 KV heads); a larger init than usual so that random logits are
+# peaked and greedy choices are not decided by rounding noise.
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+SLIDING_WINDOW = 4  # much shorter than the 10-token prompt + 16 new tokens
+
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(num_hidden_layers=4, **COMMON),
+    "mistral": lambda: MistralConfig(num_hidden_layers=5, sliding_window=SLIDING_WINDOW, **COMMON),
+    # Qwen 2 with its per-layer attention types: full for layers 0-2, sliding for 3-5, so a span
+    # boundary falls between the kinds and another span holds both.
+    "qwen2": lambda: Qwen2Config(num_hidden_layers=6, use_sliding_window=True, sliding_window=SLIDING_WINDOW,
+                                 max_window_layers=3, **COMMON),
+    # Qwen 3: q/k norms, a head_dim other than hidden/heads, and the LM head tied to the embeddings.
+    "qwen3": lambda: Qwen3Config(num_hidden_layers=5, head_dim=32, tie_word_embeddings=True, **COMMON),
+}
+SPLITS = {"llama": [0, 2, 4], "mistral": [0, 2, 3, 5], "qwen2": [0, 2, 5, 6], "qwen3": [0, 3, 5]}
+
+
+class TinyModel:
+    def __init__(self, model_type: str, folder: Path):
+        torch.manual_seed(0)
+        self.model = AutoModelForCausalLM.from_config(TINY_CONFIGS[model_type]()).eval()
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.checkpoint: Checkpoint = resolve_checkpoint(folder)
+        cuts = SPLITS[model_type]
+        self.spans = [load_span(self.checkpoint, start, end) for start, end in zip(cuts, cuts[1:])]
+        self.parts = load_client_parts(self.checkpoint)
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
+def tiny(request, tmp_path_factory) -> TinyModel:
+    return TinyModel(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def prompt_ids(batch: int = 1, length: int = 10, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, COMMON["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_every_claimed_type_is_registered():
+    assert {"llama", "mistral", "qwen2", "qwen3"} <= set(FAMILIES)
+
+
+def test_logits_match_transformers(tiny: TinyModel, spans_forward):
+    ids = prompt_ids(batch=2)
+    with torch.no_grad():
+        expected = tiny.model(ids).logits
+        actual = tiny.parts.logits(spans_forward(tiny.spans, tiny.parts.embed(ids)))
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_greedy_from_span_caches_matches_generate(tiny: TinyModel, greedy_from_spans, greedy_from_model):
+    ids = prompt_ids()
+    expected = greedy_from_model(tiny.model, ids, max_new_tokens=16)
+    assert greedy_from_spans(tiny.parts, tiny.spans, ids, max_new_tokens=16).tolist() == expected.tolist()
+
+
+def test_left_padded_batch_matches_generate(tiny: TinyModel, greedy_from_spans, greedy_from_model):
+    ids = prompt_ids(batch=2, seed=2)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    ids[0, :3] = COMMON["pad_token_id"]
+    expected = greedy_from_model(tiny.model, ids, mask, max_new_tokens=16)
+    assert greedy_from_spans(tiny.parts, tiny.spans, ids, mask, max_new_tokens=16).tolist() == expected.tolist()
+
+
+def test_rollback_past_the_sliding_window(tiny: TinyModel):
+    """A session rewinds to any position, also where sliding-window layers have moved past it."""
+    hidden = torch.randn(1, 12, COMMON["hidden_size"], generator=torch.Generator().manual_seed(3))
+    span = tiny.spans[-1]
+    state = span.start_inference(1, 16)
+    span.inference_step(state, hidden[:, :4])
+    outputs = [span.inference_step(state, hidden[:, i: i + 1]) for i in range(4, 12)]
+    again = span.inference_step(state, hidden[:, 5:12], position=5)
+    torch.testing.assert_close(again, torch.cat(outputs[1:], dim=1), rtol=1e-4, atol=1e-4)
+    assert state.position == 12
+
+
+def test_the_sliding_window_is_in_effect(tiny: TinyModel, spans_forward):
+    """Guards the tests above: with a window, logits past it differ from full attention."""
+    if getattr(tiny.model.config, "sliding_window", None) is None:
+        pytest.skip("no sliding window in this config")
+    ids = prompt_ids(length=12)
+    full = AutoModelForCausalLM.from_config(type(tiny.model.config)(**{
+        **tiny.model.config.to_dict(), "sliding_window": None, "use_sliding_window": False, "layer_types": None}))
+    full.load_state_dict(tiny.model.state_dict())
+    with torch.no_grad():
+        windowed = tiny.parts.logits(spans_forward(tiny.spans, tiny.parts.embed(ids)))
+        unwindowed = full.eval()(ids).logits
+    torch.testing.assert_close(windowed[:, :SLIDING_WINDOW], unwindowed[:, :SLIDING_WINDOW], rtol=0, atol=1e-5)
+    assert (windowed[:, SLIDING_WINDOW:] - unwindowed[:, SLIDING_WINDOW:]).abs().max() > 1e-2
+
+
+def test_unsupported_model_type_lists_supported_ones(tmp_path: Path):
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path, safe_serialization=True)
+    checkpoint = resolve_checkpoint(tmp_path)
+    with pytest.raises(UnsupportedModelError, match=r"model type 'gpt2' is not supported; supported types: .*llama"
+                                                    r".*mistral.*qwen2.*qwen3"):
+        load_span(checkpoint, 0, 1)
+    with pytest.raises(UnsupportedModelError, match="'gpt2'"):
+        get_family(checkpoint.config)
