@@ -1,0 +1,20 @@
+"""The peer: serves a span of a model's blocks to the swarm over gRPC.
+
+Layers, each calling only downward: `cli` -> `server` (DHT, gRPC server, announcements)
+-> `service` (BlockService: decode, compute, encode) -> `runtime` (the compute thread) and
+`memory` (the KV-cache budget) -> `swarm` (blocks, wire, registry).
+"""
+
+from .config import PeerConfig, PeerLimits
+from .memory import CacheBudget, CacheBudgetExceeded, CacheReservation
+from .runtime import ComputeRuntime, Priority
+
+__all__ = [
+    "CacheBudget",
+    "CacheBudgetExceeded",
+    "CacheReservation",
+    "ComputeRuntime",
+    "PeerConfig",
+    "PeerLimits",
+    "Priority",
+]

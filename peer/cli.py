@@ -1,0 +1,183 @@
+"""`swarm peer`: serve a span of a model's blocks to the swarm.
+
+Prints exactly one line on stdout once the peer serves and is announced:
+``peer ready: blocks START:END of MODEL at HOST:PORT (model_id MODEL_ID)``; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from .config import PeerConfig, PeerLimits
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # = swarm.checkpoint.DEFAULT_MODEL, without importing torch for --help
+
+DESCRIPTION = """\
+Serve blocks START..END-1 of a model to the swarm, so that clients can run (and fine-tune)
+the model through your machine together with others. Your peer loads only the blocks it
+serves, answers clients over gRPC and announces itself in the swarm's DHT. Stop it with
+Ctrl-C: it withdraws its announcement and closes open sessions first.
+"""
+
+EPILOG = """\
+examples:
+  # a local test swarm: start a DHT node, then serve the first 15 of the default model's 30 blocks
+  swarm dht --host 127.0.0.1 --maddr-file dht.txt
+  swarm peer --initial-peers $(head -1 dht.txt) --blocks 0:15
+
+  # a desktop GPU behind a router that forwards port 31330 to it
+  swarm peer --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo... --blocks 15:30 \\
+      --port 31330 --public-host MY.PUBLIC.IP --device cuda --cache-tokens 32768
+
+memory: the weights take about (blocks served / all blocks) x model size in --dtype; the
+KV cache takes up to --cache-tokens tokens on top (the peer logs how many MiB that is).
+"""
+
+
+def _span(text: str) -> tuple[int, int]:
+    start, sep, end = text.partition(":")
+    if not sep or not start.strip().isdigit() or not end.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not START:END, e.g. 0:15 for blocks 0 to 14")
+    return int(start), int(end)
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {port}")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swarm peer", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_argument_group("what to serve")
+    what.add_argument("--model", default=DEFAULT_MODEL,
+                      help="model to serve: a known name, a local Hugging Face folder (config.json + safetensors) "
+                      "or a .gguf file (default: %(default)s)")
+    what.add_argument("--blocks", type=_span, required=True, metavar="START:END",
+                      help="the blocks to serve, START included, END excluded: 0:15 serves blocks 0..14 "
+                      "(the default model has 30 blocks)")
+
+    net = p.add_argument_group("network")
+    net.add_argument("--initial-peers", action="append", default=[], metavar="MULTIADDR",
+                     help="a DHT node to join, as printed by `swarm dht` (/ip4/.../tcp/.../p2p/...); repeat the "
+                     "flag or separate several with commas")
+    net.add_argument("--host", default="0.0.0.0",
+                     help="address to listen on for clients (default: %(default)s, all interfaces; 127.0.0.1 "
+                     "keeps the peer local to this machine)")
+    net.add_argument("--port", type=_port, default=0, help="port to listen on (default: 0, any free port)")
+    net.add_argument("--public-host", metavar="HOST",
+                     help="address clients should dial, announced in the DHT; set it behind NAT or a proxy "
+                     "(default: --host, or 127.0.0.1 when listening on all interfaces)")
+    net.add_argument("--public-port", type=_port, metavar="PORT",
+                     help="port clients should dial, if it differs from the bound one (port forwarding, proxy)")
+    net.add_argument("--announce-period", type=_positive(float), default=10.0, metavar="SECONDS",
+                     help="how often to refresh the DHT announcement; it expires after 3 periods "
+                     "(default: %(default)s)")
+
+    compute = p.add_argument_group("compute and memory")
+    compute.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    compute.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                         help="weights and compute dtype (default: auto = bfloat16 on cuda, float32 on cpu)")
+    compute.add_argument("--cache-tokens", type=int, default=8192, metavar="TOKENS",
+                         help="KV-cache budget in tokens, shared by all inference sessions: a session takes "
+                         "batch x max_length tokens; one that does not fit is refused (default: %(default)s)")
+    compute.add_argument("--max-batch-size", type=_positive(int), default=64, metavar="N",
+                         help="largest batch a request may send (default: %(default)s)")
+    compute.add_argument("--max-seq-length", type=_positive(int), default=4096, metavar="TOKENS",
+                         help="most tokens per sequence in a request or session (default: %(default)s)")
+    compute.add_argument("--max-message-mb", type=_positive(int), default=64, metavar="MB",
+                         help="largest gRPC message sent or received (default: %(default)s)")
+    compute.add_argument("--session-timeout", type=_positive(float), default=300.0, metavar="SECONDS",
+                         help="close an inference session idle this long, freeing its cache (default: %(default)s)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="stderr log level (default: %(default)s)")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"swarm peer: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.cache_tokens < 0:
+        return _fail(f"--cache-tokens must be >= 0, got {args.cache_tokens}")
+    if args.public_host in ("0.0.0.0", "::"):
+        return _fail(f"--public-host {args.public_host} means 'all interfaces'; give an address clients can dial")
+
+    import torch  # heavy: after --help and argument errors
+
+    from swarm.checkpoint import CheckpointError, resolve_checkpoint
+    from swarm.loading import check_span
+    from swarm.models import get_family
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        return _fail(f"--device {device!r} is not a device; use cpu, cuda or cuda:N")
+    if parsed.type not in ("cpu", "cuda"):
+        return _fail(f"--device {device!r}: only cpu and cuda are supported")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        return _fail("--device cuda: CUDA is not available on this machine; use --device cpu")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if parsed.type == "cuda" else "float32")
+
+    start, end = args.blocks
+    try:
+        checkpoint = resolve_checkpoint(args.model)
+        num_blocks = get_family(checkpoint.config).num_blocks
+        check_span(start, end, num_blocks)
+    except (CheckpointError, ValueError) as e:  # SpanError and UnsupportedModelError are ValueErrors
+        return _fail(str(e))
+
+    config = PeerConfig(
+        model=args.model, start=start, end=end,
+        initial_peers=[a.strip() for arg in args.initial_peers for a in arg.split(",") if a.strip()],
+        host=args.host, port=args.port, public_host=args.public_host, public_port=args.public_port,
+        device=device, dtype=dtype, cache_tokens=args.cache_tokens,
+        limits=PeerLimits(max_batch_size=args.max_batch_size, max_seq_length=args.max_seq_length,
+                          max_message_bytes=args.max_message_mb * 1024 * 1024),
+        session_timeout=args.session_timeout, announce_period=args.announce_period,
+    )
+
+    from .server import PeerStartError, run_peer
+
+    def ready(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        code = run_peer(config, checkpoint, ready)
+    except PeerStartError as e:
+        print(f"swarm peer: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before serving started (during loading)
+        return 130
+    # Everything that needs closing is closed (records withdrawn, server stopped, DHT shut
+    # down); skip the interpreter's teardown, which spends seconds garbage-collecting torch
+    # and transformers objects while a restart or a test waits for the port and the exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

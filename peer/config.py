@@ -1,0 +1,41 @@
+"""What a peer is told to do: the settings the CLI parses, as one dataclass.
+
+Kept free of heavy imports so `swarm peer --help` and argument errors are instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PeerLimits:
+    """Per-request limits the service enforces before any compute."""
+
+    max_batch_size: int = 64
+    max_seq_length: int = 4096
+    max_message_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    model: str
+    start: int
+    end: int
+    initial_peers: list[str] = field(default_factory=list)
+    host: str = "0.0.0.0"
+    port: int = 0
+    public_host: str | None = None  # None: host, or 127.0.0.1 when host listens on all interfaces
+    public_port: int | None = None  # None: the bound port
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16 | float16, already resolved from "auto"
+    cache_tokens: int = 8192
+    limits: PeerLimits = field(default_factory=PeerLimits)
+    session_timeout: float = 300.0
+    announce_period: float = 10.0
+
+    @property
+    def announced_host(self) -> str:
+        if self.public_host:
+            return self.public_host
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host

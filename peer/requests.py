@@ -1,0 +1,268 @@
+"""Untrusted request messages -> checked tensors on the span's device, before any compute.
+
+Every check raises where the bad value is first seen, with a message naming the value and
+what would be valid:
+
+- `BadRequest`, and the core's `WireError` / `SpanInputError` / `AdapterError`, mean the
+  request itself is malformed (INVALID_ARGUMENT);
+- `NotServed` means a well-formed request for a model or span this peer does not serve
+  (FAILED_PRECONDITION): the client should ask another peer.
+
+What comes out is plain data (`SpanCall`, `SessionOpen`, `SessionStep`) that the service
+hands to the runtime; nothing here computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm.blocks import BlockSpan
+from swarm.tuning import AdapterError, AdapterSet, method_from_json
+from swarm.wire import CODECS, DTYPES, deserialize_tensor, swarm_pb2
+
+from .config import PeerLimits
+
+FLOAT_DTYPES = {name: dtype for name, dtype in DTYPES.items() if dtype.is_floating_point}
+INDEX_DTYPES = (torch.int64, torch.int32)
+MASK_DTYPES = (torch.int64, torch.int32, torch.bool, torch.uint8, torch.int8)
+MAX_ADAPTER_SETS = 8  # methods stacked in one request; each is bounded per block by its own limit
+
+
+class BadRequest(ValueError):
+    """The request breaks the protocol or this peer's limits (INVALID_ARGUMENT)."""
+
+
+class NotServed(Exception):
+    """The request is for a model or span this peer does not serve (FAILED_PRECONDITION)."""
+
+
+@dataclass
+class SpanCall:
+    """A checked Forward/Backward request."""
+
+    hidden_states: torch.Tensor  # on the span's device, in its dtype
+    client_dtype: torch.dtype  # what the client sent, and gets back
+    response_codec: str
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    deep_prompts: torch.Tensor | None = None
+    adapters: list[AdapterSet] = field(default_factory=list)
+
+
+@dataclass
+class SessionOpen:
+    session_id: str
+    batch_size: int
+    max_length: int
+    client_dtype: torch.dtype | None  # None: whatever each step sends
+    response_codec: str
+    deep_prompts: torch.Tensor | None = None
+    adapters: list[AdapterSet] = field(default_factory=list)
+
+
+@dataclass
+class SessionStep:
+    step_id: int
+    position: int
+    hidden_states: torch.Tensor  # on the span's device, in its dtype
+    client_dtype: torch.dtype
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    hypo_ids: torch.Tensor | None = None
+
+
+class RequestDecoder:
+    """Decodes and checks requests for one served span."""
+
+    def __init__(self, span: BlockSpan, model_id: str, limits: PeerLimits) -> None:
+        self.span, self.model_id, self.limits = span, model_id, limits
+        self.hidden_size = span.hidden_size
+        self._device, self._dtype = span.device, span.dtype
+
+    # --- the three kinds of request ----------------------------------------------------------
+
+    def span_call(self, inputs: swarm_pb2.SpanInputs) -> SpanCall:
+        self._check_target(inputs.model_id, inputs.start, inputs.end)
+        codec = self._codec(inputs.response_codec)
+        if not inputs.HasField("hidden_states"):
+            raise BadRequest("hidden_states is missing")
+        hidden = self._hidden_states(inputs.hidden_states)
+        batch, seq = hidden.shape[:2]
+        return SpanCall(
+            hidden_states=hidden.to(self._device, self._dtype),
+            client_dtype=hidden.dtype,
+            response_codec=codec,
+            attention_mask=self._attention_mask(inputs, batch, seq),
+            position_ids=self._position_ids(inputs, batch, seq),
+            deep_prompts=self._deep_prompts(inputs, batch),
+            adapters=self._adapters(inputs.adapters),
+        )
+
+    def grad_outputs(self, request: swarm_pb2.BackwardRequest, call: SpanCall) -> torch.Tensor:
+        if not request.HasField("grad_outputs"):
+            raise BadRequest("grad_outputs is missing")
+        grad = self._floating(request.grad_outputs, "grad_outputs", call.hidden_states.numel())
+        if grad.shape != call.hidden_states.shape:
+            raise BadRequest(f"grad_outputs shape {tuple(grad.shape)} must equal hidden_states shape "
+                             f"{tuple(call.hidden_states.shape)}")
+        return grad.to(self._device, self._dtype)
+
+    def session_open(self, msg: swarm_pb2.InferenceOpen) -> SessionOpen:
+        self._check_target(msg.model_id, msg.start, msg.end)
+        limits = self.limits
+        if not 1 <= msg.batch_size <= limits.max_batch_size:
+            raise BadRequest(f"batch_size {msg.batch_size} must be in [1, {limits.max_batch_size}]")
+        if not 1 <= msg.max_length <= limits.max_seq_length:
+            raise BadRequest(f"max_length {msg.max_length} must be in [1, {limits.max_seq_length}] on this peer")
+        client_dtype = None
+        if msg.dtype:
+            if msg.dtype not in FLOAT_DTYPES:
+                raise BadRequest(f"dtype {msg.dtype!r} must be one of: {', '.join(FLOAT_DTYPES)}")
+            client_dtype = FLOAT_DTYPES[msg.dtype]
+        return SessionOpen(
+            session_id=msg.session_id,
+            batch_size=msg.batch_size,
+            max_length=msg.max_length,
+            client_dtype=client_dtype,
+            response_codec=self._codec(msg.response_codec),
+            deep_prompts=self._deep_prompts(msg, msg.batch_size),
+            adapters=self._adapters(msg.adapters),
+        )
+
+    def session_step(self, msg: swarm_pb2.InferenceStep, session: SessionOpen, held: int) -> SessionStep:
+        """`held`: tokens the session's cache holds now."""
+        if not msg.HasField("hidden_states"):
+            raise BadRequest("step hidden_states is missing")
+        hidden = self._hidden_states(msg.hidden_states)
+        batch, new = hidden.shape[:2]
+        if batch != session.batch_size:
+            raise BadRequest(f"session was opened for batch {session.batch_size}, step has batch {batch}")
+        if session.client_dtype is not None and hidden.dtype != session.client_dtype:
+            raise BadRequest(f"session was opened for dtype {session.client_dtype}, step sends {hidden.dtype}")
+        if msg.position > held:
+            raise BadRequest(f"step position {msg.position} is ahead of the {held} tokens this session holds")
+        if msg.position + new > session.max_length:
+            raise BadRequest(f"step at position {msg.position} with {new} tokens exceeds the session's "
+                             f"max_length {session.max_length}")
+        return SessionStep(
+            step_id=msg.step_id,
+            position=msg.position,
+            hidden_states=hidden.to(self._device, self._dtype),
+            client_dtype=hidden.dtype,
+            attention_mask=self._attention_mask(msg, batch, new),
+            position_ids=self._position_ids(msg, batch, new),
+            hypo_ids=self._hypo_ids(msg, batch),
+        )
+
+    # --- checks ------------------------------------------------------------------------------
+
+    def _check_target(self, model_id: str, start: int, end: int) -> None:
+        span = self.span
+        if model_id != self.model_id:
+            raise NotServed(f"this peer serves model {self.model_id!r}, not {model_id!r}")
+        if (start, end) != (span.start, span.end):
+            raise NotServed(f"this peer serves blocks [{span.start}, {span.end}) of {self.model_id}; the request "
+                            f"asked for [{start}, {end}): send exactly [{span.start}, {span.end})")
+
+    @staticmethod
+    def _codec(name: str) -> str:
+        name = name or "raw"
+        if name not in CODECS:
+            raise BadRequest(f"response_codec {name!r} is not one of: {', '.join(CODECS)}")
+        return name
+
+    def _floating(self, msg: swarm_pb2.Tensor, name: str, max_elements: int) -> torch.Tensor:
+        tensor = deserialize_tensor(msg, max_elements=max_elements, field=name)
+        if not tensor.is_floating_point():
+            raise BadRequest(f"{name} must be floating point ({', '.join(FLOAT_DTYPES)}), got {msg.dtype}")
+        if not torch.isfinite(tensor).all():
+            raise BadRequest(f"{name} contains NaN or infinite values")
+        return tensor
+
+    def _hidden_states(self, msg: swarm_pb2.Tensor) -> torch.Tensor:
+        limits, hidden_size = self.limits, self.hidden_size
+        shape = tuple(msg.shape)
+        # Shape first, from the message alone: a wrong shape is refused before any bytes are copied.
+        if len(shape) != 3 or shape[2] != hidden_size:
+            raise BadRequest(f"hidden_states must have shape (batch, seq, {hidden_size}), got {shape}")
+        if not 1 <= shape[0] <= limits.max_batch_size:
+            raise BadRequest(f"hidden_states batch {shape[0]} must be in [1, {limits.max_batch_size}]")
+        if not 1 <= shape[1] <= limits.max_seq_length:
+            raise BadRequest(f"hidden_states has {shape[1]} tokens; this peer takes 1 to {limits.max_seq_length}")
+        return self._floating(msg, "hidden_states", shape[0] * shape[1] * hidden_size)
+
+    def _attention_mask(self, parent, batch: int, seq: int) -> torch.Tensor | None:
+        if not parent.HasField("attention_mask"):
+            return None
+        mask = deserialize_tensor(parent.attention_mask, max_elements=batch * seq, field="attention_mask")
+        if mask.dtype not in MASK_DTYPES:
+            raise BadRequest(f"attention_mask must be an integer or bool tensor, got {parent.attention_mask.dtype}")
+        if tuple(mask.shape) != (batch, seq):
+            raise BadRequest(f"attention_mask must have shape ({batch}, {seq}), got {tuple(mask.shape)}")
+        mask = mask.long()
+        if not ((mask == 0) | (mask == 1)).all():
+            raise BadRequest("attention_mask values must be 0 (padding) or 1 (token)")
+        return mask.to(self._device)
+
+    def _position_ids(self, parent, batch: int, seq: int) -> torch.Tensor | None:
+        if not parent.HasField("position_ids"):
+            return None
+        positions = deserialize_tensor(parent.position_ids, max_elements=batch * seq, field="position_ids")
+        if positions.dtype not in INDEX_DTYPES:
+            raise BadRequest(f"position_ids must be int64 or int32, got {parent.position_ids.dtype}")
+        if positions.ndim != 2 or positions.shape[0] not in (1, batch) or positions.shape[1] != seq:
+            raise BadRequest(f"position_ids must have shape ({batch} or 1, {seq}), got {tuple(positions.shape)}")
+        if positions.numel() and (positions.min() < 0 or positions.max() >= self.limits.max_seq_length):
+            raise BadRequest(f"position_ids must be in [0, {self.limits.max_seq_length})")
+        return positions.long().to(self._device)
+
+    def _hypo_ids(self, msg: swarm_pb2.InferenceStep, batch: int) -> torch.Tensor | None:
+        if not msg.HasField("hypo_ids"):
+            return None
+        hypo_ids = deserialize_tensor(msg.hypo_ids, max_elements=batch, field="hypo_ids")
+        if hypo_ids.dtype != torch.int64 or tuple(hypo_ids.shape) != (batch,):
+            raise BadRequest(f"hypo_ids must be int64 of shape ({batch},), got {msg.hypo_ids.dtype} "
+                             f"{tuple(hypo_ids.shape)}")
+        if hypo_ids.min() < 0 or hypo_ids.max() >= batch:
+            raise BadRequest(f"hypo_ids must be in [0, {batch})")
+        return hypo_ids.to(self._device)
+
+    def _deep_prompts(self, parent, batch: int) -> torch.Tensor | None:
+        if not parent.HasField("deep_prompts"):
+            return None
+        num_blocks, hidden_size, limits = self.span.num_blocks, self.hidden_size, self.limits
+        shape = tuple(parent.deep_prompts.shape)
+        if (len(shape) != 4 or shape[0] != num_blocks or shape[1] not in (1, batch)
+                or not 1 <= shape[2] <= limits.max_seq_length or shape[3] != hidden_size):
+            raise BadRequest(f"deep_prompts must have shape ({num_blocks}, {batch} or 1, prefix <= "
+                             f"{limits.max_seq_length}, {hidden_size}), got {shape}")
+        prompts = self._floating(parent.deep_prompts, "deep_prompts", num_blocks * batch * shape[2] * hidden_size)
+        return prompts.to(self._device)
+
+    def _adapters(self, messages) -> list[AdapterSet]:
+        if len(messages) > MAX_ADAPTER_SETS:
+            raise BadRequest(f"{len(messages)} adapter sets sent; at most {MAX_ADAPTER_SETS} are allowed")
+        return [self._adapter_set(msg) for msg in messages]
+
+    def _adapter_set(self, msg: swarm_pb2.AdapterTensors) -> AdapterSet:
+        method = method_from_json(msg.method, msg.config_json)
+        span = self.span
+        by_block: dict[int, dict[str, torch.Tensor]] = {block: {} for block in range(span.start, span.end)}
+        for name, tensor_msg in msg.tensors.items():
+            block_text, dot, local = name.partition(".")
+            if not dot or not block_text.isdigit() or str(int(block_text)) != block_text or not local:
+                raise AdapterError(f"{method.name} tensor name {name!r} must be '{{block}}.{{tensor}}', "
+                                   f"e.g. '{span.start}.self_attn.q_proj.lora_A'")
+            block = int(block_text)
+            if block not in by_block:
+                raise AdapterError(f"{method.name} tensor {name!r} is for block {block}, outside the span "
+                                   f"[{span.start}, {span.end})")
+            by_block[block][local] = self._floating(tensor_msg, f"{method.name} tensor {name}",
+                                                    method.max_elements_per_block)
+        tensors = {}
+        for block, block_tensors in by_block.items():
+            method.check_tensors(span.layers[block - span.start], block, block_tensors)
+            tensors.update({f"{block}.{local}": t.to(self._device) for local, t in block_tensors.items()})
+        return AdapterSet(method, tensors)

@@ -1,0 +1,122 @@
+"""The peer's compute runtime: one worker thread, fed by a priority queue.
+
+gRPC handlers run on the asyncio event loop, which must stay free to read and write
+messages; a span's forward pass (milliseconds to seconds) therefore runs on a worker
+thread. There is exactly one worker: the span's weights are shared by every request, and
+torch already parallelises one computation over the CPU cores or the GPU, so two
+computations at once would only compete. Adapter hooks also rely on it
+(`swarm.tuning.adapters_applied`: hooks of two calls never overlap).
+
+Inference steps go before Forward/Backward: a client generating text waits for every token,
+while training batches are large and can wait, so training never starves generation. Within
+one priority, work runs in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Priority(enum.IntEnum):
+    """Lower runs first."""
+
+    INFERENCE = 0
+    TRAINING = 1
+
+
+@dataclass(order=True)
+class _Job:
+    priority: int
+    seq: int
+    fn: Callable[..., Any] | None = field(compare=False)  # None: the stop signal
+    args: tuple = field(compare=False, default=())
+    kwargs: dict = field(compare=False, default_factory=dict)
+    future: asyncio.Future | None = field(compare=False, default=None)
+    loop: asyncio.AbstractEventLoop | None = field(compare=False, default=None)
+
+
+class RuntimeStopped(RuntimeError):
+    """Work was submitted after `ComputeRuntime.shutdown`."""
+
+
+class ComputeRuntime:
+    """Runs functions on a single worker thread, highest priority first.
+
+    `await runtime.run(priority, fn, *args)` returns fn's result (or raises its exception)
+    in the caller's event loop. If the caller is cancelled (e.g. the client hung up) before
+    the job starts, the job is skipped.
+    """
+
+    def __init__(self, name: str = "compute") -> None:
+        self._queue: queue.PriorityQueue[_Job] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    async def run(self, priority: Priority, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._stopped:
+            raise RuntimeStopped("the compute runtime is shut down")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put(_Job(int(priority), next(self._seq), fn, args, kwargs, future, loop))
+        return await future
+
+    @property
+    def pending(self) -> int:
+        """Jobs waiting (not counting the one running); approximate, for Info and logs."""
+        return self._queue.qsize()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stops the worker after the jobs already queued; waits up to `timeout` seconds."""
+        if self._stopped:
+            return
+        self._stopped = True
+        # Lowest priority and last in order: everything submitted before runs first.
+        self._queue.put(_Job(len(Priority), next(self._seq), None))
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("compute worker still busy after %.1f s; leaving it (daemon thread)", timeout)
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job.fn is None:
+                return
+            assert job.future is not None and job.loop is not None
+            if job.future.cancelled():  # read across threads: at worst we run a job nobody awaits
+                continue
+            try:
+                result = job.fn(*job.args, **job.kwargs)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, who decides
+                self._deliver(job, _set_exception, e)
+            else:
+                self._deliver(job, _set_result, result)
+
+    @staticmethod
+    def _deliver(job: _Job, setter: Callable[[asyncio.Future, Any], None], value: Any) -> None:
+        try:
+            job.loop.call_soon_threadsafe(setter, job.future, value)
+        except RuntimeError:  # the caller's loop is closed: nobody is waiting any more
+            pass
+
+
+def _set_result(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -1,0 +1,285 @@
+"""The gRPC servicer: BlockService on one span of blocks.
+
+Each RPC runs in three steps, in this order:
+
+1. decode and check the request (`RequestDecoder`), with no compute and no allocation
+   beyond the request's own tensors;
+2. run the span on the compute runtime (inference steps before Forward/Backward);
+3. encode the answer with the codec the client asked for, in the dtype it sent.
+
+Any error becomes a status code with a message that says what was wrong (table `_STATUS`);
+an unexpected one is logged and answered INTERNAL. Either way only that request fails and
+the peer goes on serving everyone else.
+
+An inference session is one bidirectional stream. It ends when the client closes it, on
+an error, when it stays idle longer than the session timeout, or when the peer shuts
+down; its cache tokens are released in every case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+import swarm
+from swarm.blocks import BlockSpan, InferenceState, SpanInputError
+from swarm.tuning import AdapterError
+from swarm.wire import DTYPES, WireError, serialize_tensor, swarm_pb2, swarm_pb2_grpc
+
+from .config import PeerLimits
+from .memory import CacheBudget, CacheBudgetExceeded, CacheReservation
+from .requests import BadRequest, NotServed, RequestDecoder, SessionStep, SpanCall
+from .runtime import ComputeRuntime, Priority
+
+logger = logging.getLogger(__name__)
+
+Code = grpc.StatusCode
+_STATUS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], grpc.StatusCode], ...] = (
+    ((BadRequest, WireError, SpanInputError, AdapterError), Code.INVALID_ARGUMENT),
+    (NotServed, Code.FAILED_PRECONDITION),
+    (CacheBudgetExceeded, Code.RESOURCE_EXHAUSTED),
+)
+# Requests bigger than this are decoded off the event loop, so that copying and checking a
+# large training batch (up to --max-message-mb) does not delay other sessions' tokens.
+_DECODE_INLINE_BYTES = 1 << 20
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What this peer serves, as Info and the DHT records describe it."""
+
+    model_id: str
+    model_name: str
+    num_blocks: int
+    throughput: float  # tokens/s measured at start-up
+    quant: str = "none"
+
+
+class SessionClosed(Exception):
+    """The peer ends a session itself (idle too long, shutting down); carries the status to send."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(eq=False)
+class _Session:
+    # Resolved with a SessionClosed when the peer ends the session from outside (shutdown).
+    closed: asyncio.Future
+    reservation: CacheReservation | None = None
+    reading: asyncio.Task | None = None  # the pending context.read()
+    response_codec: str = "raw"
+    steps: int = 0
+    # Seconds the last step spent in each stage on the compute thread (for the debug log).
+    compute_s: float = 0.0
+    encode_s: float = 0.0
+
+
+class BlockService(swarm_pb2_grpc.BlockServiceServicer):
+    def __init__(self, span: BlockSpan, served: ServedModel, runtime: ComputeRuntime, budget: CacheBudget,
+                 limits: PeerLimits, session_timeout: float) -> None:
+        self.span, self.served, self.runtime, self.budget = span, served, runtime, budget
+        self.limits, self.session_timeout = limits, session_timeout
+        self.decoder = RequestDecoder(span, served.model_id, limits)
+        self._sessions: set[_Session] = set()
+        self._idle_message = (f"inference session idle for more than {session_timeout:g} s; closed to free its "
+                              "cache (open a new session to go on)")
+
+    # --- stateless ---------------------------------------------------------------------------
+
+    async def Forward(self, request: swarm_pb2.ForwardRequest, context: grpc.aio.ServicerContext):
+        try:
+            call = await self._decode(_nbytes(request.inputs), self.decoder.span_call, request.inputs)
+            hidden = await self.runtime.run(Priority.TRAINING, self._forward, call)
+            return swarm_pb2.ForwardResponse(hidden_states=hidden)
+        except Exception as e:
+            await _refuse(context, e, "Forward")
+
+    async def Backward(self, request: swarm_pb2.BackwardRequest, context: grpc.aio.ServicerContext):
+        try:
+            call, grad_outputs = await self._decode(_nbytes(request.inputs), self._decode_backward, request)
+            return await self.runtime.run(Priority.TRAINING, self._backward, call, grad_outputs,
+                                          request.inputs.adapters)
+        except Exception as e:
+            await _refuse(context, e, "Backward")
+
+    async def Info(self, request: swarm_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> swarm_pb2.PeerInfo:
+        span, served, budget, limits = self.span, self.served, self.budget, self.limits
+        return swarm_pb2.PeerInfo(
+            model_id=served.model_id, model_name=served.model_name, start=span.start, end=span.end,
+            num_blocks=served.num_blocks, dtype=_DTYPE_NAMES[span.dtype], quant=served.quant,
+            version=swarm.__version__, throughput=served.throughput,
+            cache_tokens_total=budget.total_tokens, cache_tokens_free=budget.free_tokens,
+            active_sessions=budget.active_sessions, max_batch_size=limits.max_batch_size,
+            max_seq_length=limits.max_seq_length, max_message_bytes=limits.max_message_bytes,
+        )
+
+    # --- inference sessions ------------------------------------------------------------------
+
+    async def Inference(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        # Reads and writes go through `context` (not a response generator). The session is
+        # never ended by cancelling a pending gRPC operation (grpc then fails to send the
+        # status): `_read` waits for the next message *or* the session being closed.
+        session = _Session(asyncio.get_running_loop().create_future())
+        self._sessions.add(session)
+        try:
+            await self._run_session(session, context)
+        except SessionClosed as e:
+            await context.abort(e.code, str(e))
+        except Exception as e:
+            await _refuse(context, e, "Inference")
+        finally:
+            self._sessions.discard(session)
+            if session.reading is not None:  # ends with the call; nobody wants its result
+                session.reading.add_done_callback(_discard_result)
+            if session.reservation is not None:
+                self.budget.release(session.reservation)
+                logger.debug("session %s closed after %d steps; %d cache tokens free", session.reservation.session_id,
+                             session.steps, self.budget.free_tokens)
+
+    async def _run_session(self, session: _Session, context: grpc.aio.ServicerContext) -> None:
+        first = await self._read(session, context)
+        if first is None:
+            return
+        if first.WhichOneof("kind") != "open":
+            raise BadRequest(f"the first message of an inference stream must be 'open', got "
+                             f"{first.WhichOneof('kind') or 'an empty message'!r}")
+        opened = await self._decode(_nbytes(first.open), self.decoder.session_open, first.open)
+        session.reservation = self.budget.reserve(opened.session_id, opened.batch_size, opened.max_length)
+        session.response_codec = opened.response_codec
+        # On the compute thread: checking adapters attaches their hooks for a moment, which
+        # must not overlap another request's compute.
+        state = await self.runtime.run(Priority.INFERENCE, self.span.start_inference, opened.batch_size,
+                                       opened.max_length, opened.deep_prompts, opened.adapters)
+        await context.write(swarm_pb2.InferenceResponse(step_id=0, position=0))
+
+        debug = logger.isEnabledFor(logging.DEBUG)
+        while (request := await self._read(session, context)) is not None:
+            received = time.perf_counter()
+            if request.WhichOneof("kind") != "step":
+                raise BadRequest(f"after 'open', every message of an inference stream must be 'step', got "
+                                 f"{request.WhichOneof('kind') or 'an empty message'!r}")
+            step = await self._decode(len(request.step.hidden_states.data), self.decoder.session_step,
+                                      request.step, opened, state.position)
+            decoded = time.perf_counter()
+            hidden = await self.runtime.run(Priority.INFERENCE, self._inference_step, state, step, session)
+            computed = time.perf_counter()
+            session.steps += 1
+            await context.write(swarm_pb2.InferenceResponse(step_id=step.step_id, position=state.position,
+                                                            hidden_states=hidden))
+            if debug:
+                queued = computed - decoded - session.compute_s - session.encode_s
+                logger.debug("session %s step %d (%d tokens): decode %.3f ms, queue %.3f ms, compute %.3f ms, "
+                             "encode %.3f ms, write %.3f ms", opened.session_id, step.step_id,
+                             step.hidden_states.shape[1], 1e3 * (decoded - received), 1e3 * queued,
+                             1e3 * session.compute_s, 1e3 * session.encode_s, 1e3 * (time.perf_counter() - computed))
+
+    async def _read(self, session: _Session, context: grpc.aio.ServicerContext) -> swarm_pb2.InferenceRequest | None:
+        """The next message, or None at the end of the stream. Raises SessionClosed when the
+        client stays idle past the session timeout or the peer closes the session."""
+        if session.reading is None:
+            session.reading = asyncio.ensure_future(context.read())
+        await asyncio.wait([session.reading, session.closed], timeout=self.session_timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if session.closed.done():
+            raise session.closed.result()
+        if not session.reading.done():
+            raise SessionClosed(Code.DEADLINE_EXCEEDED, self._idle_message)
+        request, session.reading = session.reading.result(), None
+        return None if request is grpc.aio.EOF else request
+
+    async def close_sessions(self, message: str = "peer is shutting down", timeout: float = 2.0) -> None:
+        """Ends every open session with UNAVAILABLE and `message`: at once if it waits for the
+        client, after its current step otherwise. Waits up to `timeout` s for them to end."""
+        for session in self._sessions:
+            if not session.closed.done():
+                session.closed.set_result(SessionClosed(Code.UNAVAILABLE, message))
+        deadline = time.monotonic() + timeout
+        while self._sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._sessions)
+
+    # --- decoding and compute ----------------------------------------------------------------
+
+    async def _decode(self, nbytes: int, decode, *args):
+        if nbytes <= _DECODE_INLINE_BYTES:
+            return decode(*args)
+        return await asyncio.to_thread(decode, *args)
+
+    def _decode_backward(self, request: swarm_pb2.BackwardRequest) -> tuple[SpanCall, torch.Tensor]:
+        call = self.decoder.span_call(request.inputs)
+        return call, self.decoder.grad_outputs(request, call)
+
+    # The methods below run on the compute thread; they encode their answer there too, which
+    # keeps a large answer's copy off the event loop.
+
+    def _forward(self, call: SpanCall) -> swarm_pb2.Tensor:
+        with torch.no_grad():
+            hidden = self.span.forward(call.hidden_states, call.attention_mask, call.position_ids,
+                                       call.deep_prompts, call.adapters)
+        return serialize_tensor(hidden.to(call.client_dtype), call.response_codec)
+
+    def _backward(self, call: SpanCall, grad_outputs: torch.Tensor, adapter_msgs) -> swarm_pb2.BackwardResponse:
+        grads = self.span.backward(call.hidden_states, grad_outputs, call.attention_mask, call.position_ids,
+                                   call.deep_prompts, call.adapters)
+        codec = call.response_codec
+        response = swarm_pb2.BackwardResponse(
+            grad_hidden_states=serialize_tensor(grads.hidden_states.to(call.client_dtype), codec))
+        if grads.deep_prompts is not None:
+            response.grad_deep_prompts.CopyFrom(serialize_tensor(grads.deep_prompts, codec))
+        for msg, tensors in zip(adapter_msgs, grads.adapters):
+            response.grad_adapters.add(method=msg.method, config_json=msg.config_json,
+                                       tensors={name: serialize_tensor(t, codec) for name, t in tensors.items()})
+        return response
+
+    def _inference_step(self, state: InferenceState, step: SessionStep, session: _Session) -> swarm_pb2.Tensor:
+        started = time.perf_counter()
+        hidden = self.span.inference_step(state, step.hidden_states, step.attention_mask, step.position_ids,
+                                          step.hypo_ids, step.position)
+        computed = time.perf_counter()
+        encoded = serialize_tensor(hidden.to(step.client_dtype), session.response_codec)
+        session.compute_s, session.encode_s = computed - started, time.perf_counter() - computed
+        return encoded
+
+
+def _discard_result(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it as never retrieved
+
+
+def _nbytes(msg) -> int:
+    """Bytes of the tensors in a SpanInputs or InferenceOpen message (what decoding copies)."""
+    fields = msg.DESCRIPTOR.fields_by_name
+    total = sum(len(getattr(msg, name).data) for name in ("hidden_states", "deep_prompts")
+                if name in fields and msg.HasField(name))
+    return total + sum(len(t.data) for adapters in msg.adapters for t in adapters.tensors.values())
+
+
+def status_of(error: BaseException) -> grpc.StatusCode | None:
+    """The status a request error is answered with; None for an unexpected error (a bug)."""
+    for kinds, code in _STATUS:
+        if isinstance(error, kinds):
+            return code
+    return None
+
+
+async def _refuse(context: grpc.aio.ServicerContext, error: Exception, rpc: str):
+    """Ends the RPC with the status `error` deserves; never returns."""
+    if isinstance(error, grpc.aio.AbortError):  # already aborted (e.g. by a nested abort)
+        raise error
+    code = status_of(error)
+    if code is None:
+        logger.exception("%s failed unexpectedly", rpc, exc_info=error)
+        await context.abort(Code.INTERNAL, f"peer failed: {type(error).__name__}: {error}")
+    logger.debug("%s refused with %s: %s", rpc, code.name, error)
+    await context.abort(code, str(error))

@@ -1,0 +1,131 @@
+"""peer.runtime: one compute thread, inference before training, results in the caller's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from peer.runtime import ComputeRuntime, Priority, RuntimeStopped
+
+
+@pytest.fixture
+def runtime():
+    runtime = ComputeRuntime()
+    yield runtime
+    runtime.shutdown()
+
+
+async def _wait_until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
+async def occupy_worker(runtime: ComputeRuntime, gate: threading.Event) -> asyncio.Task:
+    """A job that holds the worker until `gate` is set; returns once the worker runs it."""
+    started = threading.Event()
+
+    def hold() -> None:
+        started.set()
+        gate.wait(5.0)
+
+    blocker = asyncio.create_task(runtime.run(Priority.TRAINING, hold))
+    await asyncio.to_thread(started.wait, 5.0)
+    return blocker
+
+
+def test_inference_runs_before_training_and_fifo_within_a_priority(runtime):
+    ran: list[str] = []
+    gate = threading.Event()
+
+    async def main():
+        blocker = await occupy_worker(runtime, gate)  # everything below queues up behind it
+        order = [("train-1", Priority.TRAINING), ("infer-1", Priority.INFERENCE), ("train-2", Priority.TRAINING),
+                 ("infer-2", Priority.INFERENCE), ("infer-3", Priority.INFERENCE)]
+        tasks = []
+        for label, priority in order:
+            tasks.append(asyncio.create_task(runtime.run(priority, ran.append, label)))
+            await asyncio.sleep(0)  # let it enqueue, so arrival order is the list's order
+        await _wait_until(lambda: runtime.pending == len(order))
+        gate.set()
+        await asyncio.gather(blocker, *tasks)
+
+    asyncio.run(main())
+    assert ran == ["infer-1", "infer-2", "infer-3", "train-1", "train-2"]
+
+
+def test_result_and_exception_arrive_in_the_callers_loop(runtime):
+    loop_thread = threading.get_ident()
+
+    def where(x):
+        return threading.get_ident(), x * 2
+
+    def fail():
+        raise ValueError("bad shape (1, 2)")
+
+    async def main():
+        worker_thread, doubled = await runtime.run(Priority.INFERENCE, where, 21)
+        with pytest.raises(ValueError, match=r"bad shape \(1, 2\)"):
+            await runtime.run(Priority.TRAINING, fail)
+        # The worker survives a failing job.
+        return worker_thread, doubled, await runtime.run(Priority.TRAINING, lambda: "still alive")
+
+    worker_thread, doubled, after = asyncio.run(main())
+    assert worker_thread != loop_thread and doubled == 42 and after == "still alive"
+
+
+def test_event_loop_is_free_while_compute_runs(runtime):
+    async def main():
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        await runtime.run(Priority.TRAINING, time.sleep, 0.3)
+        ticker.cancel()
+        return ticks
+
+    assert asyncio.run(main()) >= 10  # ~60 if the loop never waited for the job
+
+
+def test_cancelled_job_is_skipped(runtime):
+    gate = threading.Event()
+    ran: list[str] = []
+
+    async def main():
+        blocker = await occupy_worker(runtime, gate)
+        doomed = asyncio.create_task(runtime.run(Priority.INFERENCE, ran.append, "doomed"))
+        await _wait_until(lambda: runtime.pending == 1)
+        doomed.cancel()
+        gate.set()
+        await blocker
+        await runtime.run(Priority.INFERENCE, ran.append, "after")
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+
+    asyncio.run(main())
+    assert ran == ["after"]
+
+
+def test_shutdown_finishes_queued_work_then_refuses_more():
+    runtime = ComputeRuntime()
+    ran: list[int] = []
+
+    async def main():
+        tasks = [asyncio.create_task(runtime.run(Priority.TRAINING, ran.append, i)) for i in range(3)]
+        await asyncio.sleep(0)
+        await asyncio.to_thread(runtime.shutdown)
+        await asyncio.gather(*tasks)
+        with pytest.raises(RuntimeStopped):
+            await runtime.run(Priority.INFERENCE, ran.append, 99)
+
+    asyncio.run(main())
+    assert ran == [0, 1, 2]
