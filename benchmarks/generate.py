@@ -43,10 +43,10 @@ def main() -> None:
     checkpoint = resolve_checkpoint(DEFAULT_MODEL)
     local = AutoModelForCausalLM.from_pretrained(checkpoint.folder, dtype=torch.float32).eval()
     # Four processes share this machine's cores and run one after another, so each peer and
-    # the client compute on one thread (peers: --threads 1). Local transformers gets its best
+    # the client compute on one thread (LocalSwarm starts peers with --threads 1). Local transformers gets its best
     # of one thread and torch's default, so the ratio is against local at its fastest.
     default_threads = torch.get_num_threads()
-    with LocalSwarm(["0:10", "10:20", "20:30"], extra_peer_args=["--threads", "1"]) as swarm:
+    with LocalSwarm(["0:10", "10:20", "20:30"]) as swarm:
         model = AutoDistributedModelForCausalLM.from_pretrained(
             DEFAULT_MODEL, initial_peers=swarm.initial_peers, settings=SwarmSettings(codec=args.codec))
         inputs = model.tokenizer([PROMPT] * args.batch, return_tensors="pt")

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="largest gRPC message sent or received (default: %(default)s)")
     compute.add_argument("--session-timeout", type=_positive(float), default=300.0, metavar="SECONDS",
                          help="close an inference session idle this long, freeing its cache (default: %(default)s)")
+    compute.add_argument("--threads", type=_positive(int), metavar="N",
+                         help="CPU threads for compute (default: torch's choice, one per core); when several "
+                              "peers share one machine, give each 1")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="stderr log level (default: %(default)s)")
     return p
@@ -129,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from swarm.loading import check_span
     from swarm.models import get_family
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         parsed = torch.device(device)
