@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+from swarm.cli import PARENT_PID_ENV
 
 READY = re.compile(r"peer ready: .* at (\S+) \(model_id (\S+)\)")
 
@@ -38,8 +41,11 @@ class LocalSwarm:
     def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
         out = self.logs / f"{name}.out"
         with open(out, "w") as stdout, open(self.logs / f"{name}.err", "w") as stderr:
+            # No preexec_fn: it forces fork() of a process that may run gRPC threads, whose
+            # fork handlers then break the child. The child arms its own parent-death signal.
+            env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
             proc = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=stdout, stderr=stderr,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         self.procs.append(proc)
         return proc, out
 
@@ -76,8 +82,10 @@ class LocalSwarm:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.stop()
+        if exc_type is None:
+            shutil.rmtree(self.logs, ignore_errors=True)  # kept after a failure, for its logs
 
     def stop(self) -> None:
         # SIGTERM to each leader only: a peer shuts its own DHT process down after withdrawing
@@ -93,17 +101,6 @@ class LocalSwarm:
                 pass
             _signal_group(proc, signal.SIGKILL)  # whatever the group left behind
         self.procs.clear()
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this child when the process that started it dies, even by SIGKILL,
-    so a killed demo or test run leaves no peers behind (they shut down cleanly on SIGTERM)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -36,6 +36,25 @@ Run `swarm COMMAND --help` for a command's options.
 """
 
 
+# Set by whoever starts us as a child that must not outlive it (LocalSwarm: demo, tests).
+PARENT_PID_ENV = "SWARMLM_PARENT_PID"
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the starting process dies, even by SIGKILL, so a killed demo
+    or test run leaves no peers behind (they shut down cleanly on SIGTERM)."""
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the parent died before we armed the signal
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -43,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = "\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items())
         print(USAGE.format(commands=lines))
         return 0
+    _die_with_parent()
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"swarm: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)

@@ -14,6 +14,6 @@ def dht_maddr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Multiaddr of a `swarm dht` bootstrap node shared by the whole test session."""
     folder = tmp_path_factory.mktemp("dht")
     maddr_file = folder / "maddrs.txt"
-    args = ["python", "-m", "swarm.dht_node", "--host", "127.0.0.1", "--maddr-file", str(maddr_file)]
+    args = ["python", "-m", "swarm.cli", "dht", "--host", "127.0.0.1", "--maddr-file", str(maddr_file)]
     with running(args, log_dir=folder) as proc:
         yield wait_for_line(proc, r"^/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+$", timeout=30).group(0)

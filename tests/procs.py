@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
+from swarm.cli import PARENT_PID_ENV
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _log_dir: Path | None = None
 
@@ -45,7 +47,9 @@ def spawn(
     fd, base = tempfile.mkstemp(prefix=name + "-", dir=log_dir or _logs())
     os.close(fd)
     stdout_path, stderr_path = Path(base + ".out"), Path(base + ".err")
-    full_env = {"PYTHONUNBUFFERED": "1", **os.environ, **(env or {})}  # logs arrive as written
+    # SWARMLM_PARENT_PID: `swarm ...` commands arm a parent-death signal, so killing the
+    # test run (even with SIGKILL) stops them too.
+    full_env = {"PYTHONUNBUFFERED": "1", **os.environ, PARENT_PID_ENV: str(os.getpid()), **(env or {})}
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
         proc = subprocess.Popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=full_env,
                                 cwd=cwd, start_new_session=True)

@@ -116,3 +116,15 @@ def swarm_procs(dht_maddr: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield procs
     finally:
         procs.close()
+
+
+@pytest.fixture(scope="module")
+def swarm():
+    """The default model split over three peer processes, [0, 10), [10, 20), [20, 30), joined
+    through a DHT of their own; one per test module, stopped with everything it started."""
+    from client.local_swarm import LocalSwarm
+    from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
+
+    resolve_checkpoint(DEFAULT_MODEL)  # convert once, before three peers wait on it
+    with LocalSwarm(["0:10", "10:20", "20:30"]) as running:
+        yield running

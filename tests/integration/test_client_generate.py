@@ -8,19 +8,12 @@ import torch
 from transformers import AutoModelForCausalLM, TextStreamer
 
 from client import AutoDistributedModelForCausalLM
-from client.local_swarm import LocalSwarm
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 
 pytestmark = pytest.mark.integration
 
 PROMPTS = ["A quick brown fox", "The capital of France is", "def fibonacci(n):"]
 
-
-@pytest.fixture(scope="module")
-def swarm():
-    resolve_checkpoint(DEFAULT_MODEL)  # convert once before three peers wait on it
-    with LocalSwarm(["0:10", "10:20", "20:30"]) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from client import AutoDistributedModelForCausalLM
-from client.local_swarm import LocalSwarm
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -21,12 +20,6 @@ pytestmark = pytest.mark.integration
 TEXT = "A quick brown fox did not jump over the lazy dog"
 PREFIX = 4
 
-
-@pytest.fixture(scope="module")
-def swarm():
-    resolve_checkpoint(DEFAULT_MODEL)
-    with LocalSwarm(["0:10", "10:20", "20:30"]) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,12 @@ import pytest
 import torch
 
 from client import AutoDistributedModelForCausalLM
-from client.local_swarm import LocalSwarm
-from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
+from swarm.checkpoint import DEFAULT_MODEL
 
 pytestmark = pytest.mark.integration
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "petals_snippet.py"
 
-
-@pytest.fixture(scope="module")
-def swarm():
-    resolve_checkpoint(DEFAULT_MODEL)
-    with LocalSwarm(["0:10", "10:20", "20:30"]) as running:
-        yield running
 
 
 def test_lecture_snippet_memorises_the_sentence(swarm, capsys):
