@@ -33,7 +33,7 @@ from swarm.wire import DTYPES, WireError, serialize_tensor, swarm_pb2, swarm_pb2
 
 from .config import PeerLimits
 from .memory import CacheBudget, CacheBudgetExceeded, CacheReservation
-from .requests import BadRequest, NotServed, RequestDecoder, SessionStep, SpanCall
+from .requests import BadRequest, NotServed, RequestDecoder, SessionOpen, SessionStep, SpanCall
 from .runtime import ComputeRuntime, Priority
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,9 @@ class _Session:
     reading: asyncio.Task | None = None  # the pending context.read()
     response_codec: str = "raw"
     steps: int = 0
+    opened: SessionOpen | None = None
+    state: InferenceState | None = None
+    tokens_received: int = 0
     # Seconds the last step spent in each stage on the compute thread (for the debug log).
     compute_s: float = 0.0
     encode_s: float = 0.0
@@ -119,6 +122,12 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
             cache_tokens_total=budget.total_tokens, cache_tokens_free=budget.free_tokens,
             active_sessions=budget.active_sessions, max_batch_size=limits.max_batch_size,
             max_seq_length=limits.max_seq_length, max_message_bytes=limits.max_message_bytes,
+            sessions=[
+                swarm_pb2.SessionStatus(session_id=s.opened.session_id, position=s.state.position,
+                                        tokens_received=s.tokens_received, max_length=s.opened.max_length,
+                                        batch_size=s.opened.batch_size)
+                for s in self._sessions if s.state is not None
+            ],
         )
 
     # --- inference sessions ------------------------------------------------------------------
@@ -158,6 +167,7 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
         # must not overlap another request's compute.
         state = await self.runtime.run(Priority.INFERENCE, self.span.start_inference, opened.batch_size,
                                        opened.max_length, opened.deep_prompts, opened.adapters)
+        session.opened, session.state = opened, state
         await context.write(swarm_pb2.InferenceResponse(step_id=0, position=0))
 
         debug = logger.isEnabledFor(logging.DEBUG)
@@ -172,6 +182,7 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
             hidden = await self.runtime.run(Priority.INFERENCE, self._inference_step, state, step, session)
             computed = time.perf_counter()
             session.steps += 1
+            session.tokens_received += step.hidden_states.shape[1]
             await context.write(swarm_pb2.InferenceResponse(step_id=step.step_id, position=state.position,
                                                             hidden_states=hidden))
             if debug:

@@ -36,13 +36,18 @@ def test_uncovered_blocks_then_a_late_peer_completes_the_swarm():
         report = status(swarm.initial_peers)
         assert report.returncode == 1 and "UNCOVERED blocks: 15-29" in report.stdout
 
-        # Peers joining later: [15, 30) completes the swarm, and a replica of [0, 15).
-        with LocalSwarm(["15:30", "0:15"], dht_initial_peers=swarm.initial_peers):
+        with LocalSwarm(["15:30"], dht_initial_peers=swarm.initial_peers):
             report = status(swarm.initial_peers)
-            assert report.returncode == 0, report.stdout + report.stderr
-            assert "all blocks covered" in report.stdout
-            assert report.stdout.count("blocks   0:15") == 2 and report.stdout.count("blocks  15:30") == 1
+            assert report.returncode == 0 and "all blocks covered" in report.stdout, report.stdout + report.stderr
             out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
             assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+
+            # A third peer, started later, replicates [0, 15): status and the client see it.
+            with LocalSwarm(["0:15"], dht_initial_peers=swarm.initial_peers) as third:
+                report = status(swarm.initial_peers)
+                assert report.stdout.count("blocks   0:15") == 2 and report.stdout.count("blocks  15:30") == 1
+                assert third.endpoints[0] in report.stdout
+                seen = {r.endpoint for rs in model.swarm.records(refresh=True).values() for r in rs}
+                assert third.endpoints[0] in seen
         model.swarm.shutdown()
 

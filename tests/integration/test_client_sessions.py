@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM, SessionError
+from client.transport import PeerConnection
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 from swarm.loading import load_span
 
@@ -21,7 +22,7 @@ def model(swarm):
     model.swarm.shutdown()
 
 
-def test_three_chat_turns_in_one_session_match_local_full_history(model):
+def test_three_chat_turns_in_one_session_match_local_full_history(swarm, model):
     local = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(DEFAULT_MODEL).folder).eval()
     tokenizer = model.tokenizer
     turns = ["Hi! What is your name?", "What is 2 + 2?", "Thanks. Say goodbye."]
@@ -42,6 +43,14 @@ def test_three_chat_turns_in_one_session_match_local_full_history(model):
             sent = session.position - held_before
             # this turn's tokens but its last (never fed), plus the previous turn's last token
             assert sent == ours.shape[1] - 1 + (1 if i else 0)
+            # What the peers themselves report: they hold the whole history and have received
+            # each token once, so no turn resent the history.
+            for endpoint in swarm.endpoints:
+                peer_view = [s for s in PeerConnection.to(endpoint).info().sessions
+                             if s.session_id == session.session_id]
+                assert len(peer_view) == 1
+                assert peer_view[0].position == session.position
+                assert peer_view[0].tokens_received == session.position
 
 
 def test_exceeding_session_max_length_is_a_clear_error(model):
