@@ -42,9 +42,9 @@ def main() -> None:
 
     checkpoint = resolve_checkpoint(DEFAULT_MODEL)
     local = AutoModelForCausalLM.from_pretrained(checkpoint.folder, dtype=torch.float32).eval()
-    # Four processes share this machine's cores and run one after another, so each peer and
-    # the client compute on one thread (LocalSwarm starts peers with --threads 1). Local transformers gets its best
-    # of one thread and torch's default, so the ratio is against local at its fastest.
+    # Local transformers gets its best of one thread and torch's default, so the ratio is
+    # against local at its fastest. The client computes on one thread: it only embeds and
+    # applies the LM head, and its idle threads would compete with the peers' for the cores.
     default_threads = torch.get_num_threads()
     with LocalSwarm(["0:10", "10:20", "20:30"]) as swarm:
         model = AutoDistributedModelForCausalLM.from_pretrained(

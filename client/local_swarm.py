@@ -71,9 +71,7 @@ class LocalSwarm:
             for i, span in enumerate(self.spans):
                 peers.append(self._spawn(f"peer{i}", [
                     "peer", "--model", self.model, "--blocks", span, "--host", "127.0.0.1",
-                    # Peers on one machine run one after another: one thread each keeps them
-                    # from fighting over the cores (see `swarm peer --threads`).
-                    "--initial-peers", self.initial_peers[0], "--threads", "1", *self.extra_peer_args,
+                    "--initial-peers", self.initial_peers[0], *self.extra_peer_args,
                 ]))
             for i, (proc, out) in enumerate(peers):
                 self.endpoints.append(self._wait(proc, out, READY, f"peer {self.spans[i]}").group(1))
