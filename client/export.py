@@ -6,7 +6,7 @@ A folder written by `save_adapter` holds:
   trainable tensor under its client name, for an exact round trip into swarmlm;
 - with LoRA, also PEFT's own files (``adapter_config.json`` + ``adapter_model.safetensors``),
   so ``peft.PeftModel.from_pretrained(local_transformers_model, DIR)`` gives the same model;
-- with no tuning mode, ``client_parts.safetensors``: the trained embeddings, final norm and
+- with no tuning mode (or `train_lm_head`), ``client_parts.safetensors``: the trained embeddings, final norm and
   LM head under the checkpoint's own tensor names (loadable into a local model with
   ``load_state_dict(..., strict=False)``).
 
@@ -48,13 +48,14 @@ def save_adapter(model, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     family, tuning = model.family, model.tuning
-    if tuning is None:
+    if tuning is None or model.train_lm_head:
         keys = {v: k for k, v in family.client_keys().items()}
         state = {keys[n]: t.detach().contiguous() for n, t in model.client.state_dict().items() if n in keys}
         save_file(state, folder / CLIENT_PARTS)
+    if tuning is None:
         (folder / TUNING_JSON).write_text(json.dumps({"modes": []}, indent=2))
         return folder
-    settings = {"modes": tuning.modes, "pre_seq_len": tuning.prefix_length}
+    settings = {"modes": tuning.modes, "pre_seq_len": tuning.prefix_length, "train_lm_head": model.train_lm_head}
     tensors = {n: p.detach().contiguous() for n, p in tuning.named_parameters()}
     for adapter in tuning.adapters:
         if isinstance(adapter.method, LoRA):
@@ -84,7 +85,8 @@ def read_tuning_settings(folder: str | Path) -> dict:
     folder = Path(folder)
     if (folder / TUNING_JSON).exists():
         settings = json.loads((folder / TUNING_JSON).read_text())
-        kwargs = {"tuning_mode": settings["modes"] or None, "pre_seq_len": settings.get("pre_seq_len") or 16}
+        kwargs = {"tuning_mode": settings["modes"] or None, "pre_seq_len": settings.get("pre_seq_len") or 16,
+                  "train_lm_head": bool(settings.get("train_lm_head"))}
         if "lora" in settings:
             lora = settings["lora"]
             kwargs.update(lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
@@ -105,12 +107,13 @@ def read_tuning_settings(folder: str | Path) -> dict:
 def load_adapter(model, folder: str | Path) -> None:
     """Loads the folder's tensors into a model built with `read_tuning_settings(folder)`."""
     folder = Path(folder)
-    if (folder / CLIENT_PARTS).exists() and model.tuning is None:
+    if (folder / CLIENT_PARTS).exists():
         keys = model.family.client_keys()
         state = {keys[k]: t for k, t in load_file(folder / CLIENT_PARTS).items()}
         with torch.no_grad():
             model.client.load_state_dict(state, strict=False)
-        return
+        if model.tuning is None:
+            return
     if (folder / TUNING_TENSORS).exists():
         state = load_file(folder / TUNING_TENSORS)
         missing, unexpected = model.tuning.load_state_dict(state, strict=False)

@@ -67,7 +67,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_flex_attn = True
 
     def __init__(self, config: PretrainedConfig, parts: ClientParts, swarm: RemoteSwarm,
-                 tuning: ClientTuning | None = None):
+                 tuning: ClientTuning | None = None, train_lm_head: bool = False):
         super().__init__(config)
         self.client = parts
         self.swarm = swarm
@@ -77,6 +77,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         # With a tuning method only its parameters train; without one, the client's own
         # embeddings, norm and head do (gradients reach them through the remote blocks).
         self.client.requires_grad_(tuning is None)
+        self.train_lm_head = train_lm_head and tuning is not None
+        if self.train_lm_head:  # asked for on top of a tuning method (tied heads train the embeddings too)
+            self.client.lm_head.requires_grad_(True)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, initial_peers: list[str] | str = (), *, dht=None,
@@ -84,14 +87,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                         tuning_mode: str | list[str] | None = None, pre_seq_len: int = 16,
                         lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
                         lora_targets: list[str] | None = None, peft_config=None, adapter: str | None = None,
-                        ) -> "DistributedModelForCausalLM":
+                        train_lm_head: bool = False) -> "DistributedModelForCausalLM":
         """The client half of `name_or_path` (a named model, HF folder or .gguf), joined to
         the swarm through `initial_peers` (multiaddrs printed by `swarm dht`).
 
         `tuning_mode`: None (the client's embeddings, norm and head train), "ptune" (soft
         prompts of `pre_seq_len` tokens), "deep_ptune" (plus per-block prompts), "lora"
         (client-owned LoRA on `lora_targets` of every remote block), or a list of them.
-        A `peft.LoraConfig` given as `peft_config` sets the LoRA settings. `adapter` loads a
+        A `peft.LoraConfig` given as `peft_config` sets the LoRA settings; `train_lm_head`
+        trains the LM head too, on top of a tuning method. `adapter` loads a
         folder written by `save_adapter` (or a PEFT LoRA folder), settings included."""
         if isinstance(initial_peers, str):
             initial_peers = [initial_peers]
@@ -112,6 +116,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             lora_alpha = saved.get("lora_alpha", lora_alpha)
             lora_dropout = saved.get("lora_dropout", lora_dropout)
             lora_targets = saved.get("lora_targets", lora_targets)
+            train_lm_head = saved.get("train_lm_head", train_lm_head)
         if peft_config is not None:
             tuning_mode = tuning_mode or "lora"
             lora_rank, lora_alpha = peft_config.r, peft_config.lora_alpha
@@ -123,7 +128,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             lora = LoRA(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
                         targets=lora_targets or DEFAULT_TARGETS) if "lora" in modes else None
             tuning = ClientTuning(family, modes, config.hidden_size, pre_seq_len, lora, parts.embed_tokens)
-        model = cls(config, parts, swarm, tuning)
+        model = cls(config, parts, swarm, tuning, train_lm_head)
         model.family, model.name_or_path = family, checkpoint.name
         if adapter is not None:
             load_adapter(model, adapter)

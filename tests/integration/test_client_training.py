@@ -199,3 +199,22 @@ def test_concurrent_clients_with_different_adapters_do_not_mix(swarm, folder):
             torch.testing.assert_close(logits, alone[index], atol=1e-5, rtol=1e-5)
     first.swarm.shutdown()
     second.swarm.shutdown()
+
+
+def test_lm_head_trains_only_when_asked_and_round_trips(swarm, tmp_path):
+    plain = distributed(swarm, tuning_mode="ptune", pre_seq_len=PREFIX)
+    assert [n for n, p in plain.named_parameters() if p.requires_grad] == ["tuning.prompts"]
+    model = distributed(swarm, tuning_mode="ptune", pre_seq_len=PREFIX, train_lm_head=True)
+    # SmolLM2 ties its head to the embeddings, so the shared weight is listed under its first name.
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"tuning.prompts", "client.embed_tokens.weight"}
+    ids = token_ids(model)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.save_adapter(tmp_path)
+    reloaded = distributed(swarm, adapter=tmp_path)
+    assert reloaded.train_lm_head
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    for m in (plain, model, reloaded):
+        m.swarm.shutdown()

@@ -82,6 +82,7 @@ def test_forward_equals_local_span(peer, stub, local_span):
 
 
 def test_backward_equals_local_span(peer, stub, local_span):
+    """A Backward with no Forward before it: peers keep no training state between calls."""
     x, grad = hidden(seed=1), hidden(seed=2)
     request = pb.BackwardRequest(inputs=span_inputs(peer.model_id, 0, 10, x), grad_outputs=serialize_tensor(grad))
     answer = stub.Backward(request, timeout=30)
