@@ -188,7 +188,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Checkpoint:
             raise CheckpointError(f"GGUF file {path} does not exist")
         stat = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        return _cached_gguf(f"{path.stem}-{key}", path)
+        # The cache folder is per file (path, size, mtime); the model's name is the file's
+        # stem, so machines holding the same .gguf anywhere announce the same model id.
+        return _cached_gguf(path.stem, path, folder_name=f"{path.stem}-{key}")
     if path.is_dir():
         if not (path / "config.json").exists():
             raise CheckpointError(f"{path} has no config.json: it is not a Hugging Face model folder")
@@ -216,15 +218,16 @@ def _named_gguf_path(model: NamedModel) -> Path:
     return path
 
 
-def _cached_gguf(name: str, gguf_path: Path) -> Checkpoint:
-    """De-quantises a GGUF into ``cache_root()/name`` once; concurrent callers wait for it."""
-    target = cache_root() / name
+def _cached_gguf(name: str, gguf_path: Path, folder_name: str | None = None) -> Checkpoint:
+    """De-quantises a GGUF into ``cache_root()/folder_name`` once; concurrent callers wait for it."""
+    folder_name = folder_name or name
+    target = cache_root() / folder_name
     done_marker = target / ".complete"
     if done_marker.exists():
         return Checkpoint(name=name, folder=target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Several peers started at once must not all convert (15 s each) or see half a folder.
-    with open(target.parent / f".{name}.lock", "w") as lock:
+    with open(target.parent / f".{folder_name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done_marker.exists():
             _convert_gguf(gguf_path, target)

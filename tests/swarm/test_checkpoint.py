@@ -181,3 +181,24 @@ def test_span_weights_live_in_memory_not_in_the_mapped_file(smollm2_spans):
             ranges.append((low, high))
     for parameter in smollm2_spans[0].parameters():
         assert not any(low <= parameter.data_ptr() < high for low, high in ranges)
+
+
+def test_gguf_paths_share_a_model_name_but_not_a_cache_folder(tmp_path: Path, monkeypatch):
+    """Two machines (here: two paths) holding the same .gguf must announce the same model
+    name; each file still gets its own converted cache folder. Conversion itself is covered
+    by the named default model; here it only marks the folder done."""
+    import swarm.checkpoint as checkpoint_module
+
+    def fake_convert(gguf_path: Path, target: Path) -> None:
+        target.mkdir(parents=True)
+        (target / ".complete").write_text(str(gguf_path))
+
+    monkeypatch.setenv("SWARMLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(checkpoint_module, "_convert_gguf", fake_convert)
+    first, second = tmp_path / "a" / "tiny-model.gguf", tmp_path / "b" / "tiny-model.gguf"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF")
+    one, two = resolve_checkpoint(first), resolve_checkpoint(second)
+    assert one.name == two.name == "tiny-model"
+    assert one.folder != two.folder and one.folder.parent == two.folder.parent == tmp_path / "cache"
