@@ -37,6 +37,7 @@ class LocalSwarm:
         # Given: the peers join that DHT instead of a DHT of their own.
         self.initial_peers: list[str] = list(dht_initial_peers or [])
         self.endpoints: list[str] = []
+        self.peer_procs: list[subprocess.Popen] = []
 
     def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
         out = self.logs / f"{name}.out"
@@ -75,6 +76,7 @@ class LocalSwarm:
                 ]))
             for i, (proc, out) in enumerate(peers):
                 self.endpoints.append(self._wait(proc, out, READY, f"peer {self.spans[i]}").group(1))
+            self.peer_procs = [proc for proc, _ in peers]  # in the order of `spans` and `endpoints`
         except BaseException:
             self.stop()
             raise

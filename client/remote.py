@@ -14,7 +14,7 @@ from swarm.registry import PeerRecord, fetch_span_records
 from swarm.wire import deserialize_tensor, serialize_tensor, swarm_pb2
 
 from .routing import Hop, MissingBlocksError, RouteFinder
-from .transport import PeerConnection
+from .transport import CLIENT_ERRORS, PeerCallError, PeerConnection
 from .tuning import TuningPayload
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ class SwarmSettings:
     request_timeout: float = 60.0
     wait_for_peers: float = 5.0  # how long a missing block may take to appear before we give up
     records_ttl: float = 2.0  # reuse DHT records this long before fetching again
+    max_failures: int = 3  # peer failures one step survives (each moves to other peers)
 
 
 class RemoteSwarm:
@@ -64,6 +65,13 @@ class RemoteSwarm:
                 time.sleep(0.5)
                 refresh = True
 
+    def ban_endpoint(self, endpoint: str) -> None:
+        """Avoid the peer at `endpoint` for a while (it failed)."""
+        for records in self.records().values():
+            for record in records:
+                if record.endpoint == endpoint:
+                    self.routes.ban(record.peer_id)
+
     def shutdown(self) -> None:
         self.dht.shutdown()
 
@@ -83,8 +91,93 @@ def _span_inputs(hop: Hop, model_id: str, hidden: swarm_pb2.Tensor, attention_ma
     return inputs
 
 
+@dataclass
+class _Call:
+    """What every hop of one Forward/Backward pass shares."""
+
+    swarm: RemoteSwarm
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    tuning: TuningPayload
+
+    def inputs(self, hop: Hop, hidden: swarm_pb2.Tensor) -> swarm_pb2.SpanInputs:
+        return _span_inputs(hop, self.swarm.model_id, hidden, self.attention_mask, self.position_ids, self.tuning,
+                            self.swarm.settings.codec)
+
+    def give_up(self, error: PeerCallError, failures: int) -> bool:
+        """Whether to raise; otherwise the failed peer is avoided from now on."""
+        if failures > self.swarm.settings.max_failures or error.code in CLIENT_ERRORS:
+            return True
+        self.swarm.ban_endpoint(error.endpoint)
+        logger.warning("%s; retrying on other peers", error)
+        return False
+
+
+def _forward_range(call: _Call, start: int, end: int, hidden: swarm_pb2.Tensor, chain: list[Hop] | None = None,
+                   failures: int = 0) -> tuple[swarm_pb2.Tensor, list[tuple[str, swarm_pb2.SpanInputs]]]:
+    """Blocks [start, end) on a chain of peers; a failed hop is redone on other peers.
+    Returns the output and the requests that succeeded with their peers (what Backward
+    will send again)."""
+    chain = call.swarm.find_chain(start, end, randomize=True) if chain is None else chain
+    sent = []
+    for hop in chain:
+        inputs = call.inputs(hop, hidden)
+        try:
+            hidden = PeerConnection.to(hop.endpoint).forward(
+                swarm_pb2.ForwardRequest(inputs=inputs), call.swarm.settings.request_timeout).hidden_states
+        except PeerCallError as e:
+            if call.give_up(e, failures + 1):
+                raise
+            hidden, redone = _forward_range(call, hop.start, hop.end, inputs.hidden_states, failures=failures + 1)
+            sent += redone
+            continue
+        sent.append((hop.endpoint, inputs))
+    return hidden, sent
+
+
+class _GradSink:
+    """Collects the tuning tensors' gradients that each hop returns."""
+
+    def __init__(self, tuning: TuningPayload):
+        self.tuning = tuning
+        self.deep = torch.zeros_like(tuning.deep_prompts) if tuning.deep_prompts is not None else None
+        self.adapters = [{name: None for name in named} for _, named in tuning.adapters]
+
+    def add(self, inputs: swarm_pb2.SpanInputs, response: swarm_pb2.BackwardResponse) -> None:
+        if self.deep is not None:
+            self.deep[inputs.start:inputs.end] = deserialize_tensor(response.grad_deep_prompts).to(self.deep.dtype)
+        for grads, msg in zip(self.adapters, response.grad_adapters):
+            for name, tensor in msg.tensors.items():
+                grads[name] = deserialize_tensor(tensor)
+
+    def flat(self) -> list[torch.Tensor]:
+        flat = [self.deep] if self.deep is not None else []
+        for (_, named), grads in zip(self.tuning.adapters, self.adapters):
+            flat += [grads[n].to(named[n].dtype) if grads[n] is not None else torch.zeros_like(named[n]) for n in named]
+        return flat
+
+
+def _backward_requests(call: _Call, sent: list[tuple[str, swarm_pb2.SpanInputs]], grad: swarm_pb2.Tensor,
+                       sink: _GradSink, failures: int = 0) -> swarm_pb2.Tensor:
+    """Backward through the hops that served `sent`, in reverse. A failed hop's blocks are
+    recomputed on other peers (forward to rebuild their inputs, then backward)."""
+    for endpoint, inputs in reversed(sent):
+        try:
+            response = PeerConnection.to(endpoint).backward(
+                swarm_pb2.BackwardRequest(inputs=inputs, grad_outputs=grad), call.swarm.settings.request_timeout)
+        except PeerCallError as e:
+            if call.give_up(e, failures + 1):
+                raise
+            _, redone = _forward_range(call, inputs.start, inputs.end, inputs.hidden_states, failures=failures + 1)
+            grad = _backward_requests(call, redone, grad, sink, failures + 1)
+            continue
+        sink.add(inputs, response)
+        grad = response.grad_hidden_states
+    return grad
+
+
 class _ChainCall(torch.autograd.Function):
-    """Forward through every hop of a chain; backward through the same hops in reverse.
+    """Forward through a chain of peers; backward through the same hops in reverse.
 
     Activations go from one peer's answer straight into the next peer's request without
     being decoded on the client; only the chain's output is decoded. The client's tuning
@@ -92,39 +185,18 @@ class _ChainCall(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, swarm: RemoteSwarm, chain: list[Hop], attention_mask, position_ids, tuning: TuningPayload,
-                hidden, *tuning_tensors):
-        codec, timeout = swarm.settings.codec, swarm.settings.request_timeout
-        message = serialize_tensor(hidden.detach(), codec)
-        sent = []
-        for hop in chain:
-            inputs = _span_inputs(hop, swarm.model_id, message, attention_mask, position_ids, tuning, codec)
-            sent.append(inputs)
-            message = PeerConnection.to(hop.endpoint).forward(swarm_pb2.ForwardRequest(inputs=inputs), timeout)\
-                .hidden_states
-        ctx.swarm, ctx.chain, ctx.sent, ctx.dtype, ctx.tuning = swarm, chain, sent, hidden.dtype, tuning
-        return deserialize_tensor(message).to(hidden.dtype)
+    def forward(ctx, call: _Call, start: int, end: int, hidden, *tuning_tensors):
+        output, sent = _forward_range(call, start, end, serialize_tensor(hidden.detach(), call.swarm.settings.codec))
+        ctx.call, ctx.sent, ctx.dtype = call, sent, hidden.dtype
+        return deserialize_tensor(output).to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        swarm, tuning, timeout = ctx.swarm, ctx.tuning, ctx.swarm.settings.request_timeout
-        grad = serialize_tensor(grad_output.contiguous(), swarm.settings.codec)
-        deep_grad = torch.zeros_like(tuning.deep_prompts) if tuning.deep_prompts is not None else None
-        adapter_grads = [{name: None for name in named} for _, named in tuning.adapters]
-        for hop, inputs in zip(reversed(ctx.chain), reversed(ctx.sent)):
-            request = swarm_pb2.BackwardRequest(inputs=inputs, grad_outputs=grad)
-            response = PeerConnection.to(hop.endpoint).backward(request, timeout)
-            grad = response.grad_hidden_states
-            if deep_grad is not None:
-                deep_grad[hop.start:hop.end] = deserialize_tensor(response.grad_deep_prompts).to(deep_grad.dtype)
-            for grads, msg in zip(adapter_grads, response.grad_adapters):
-                for name, tensor in msg.tensors.items():
-                    grads[name] = deserialize_tensor(tensor)
-        flat = [deep_grad] if deep_grad is not None else []
-        for (_, named), grads in zip(tuning.adapters, adapter_grads):
-            flat += [grads[name].to(named[name].dtype) if grads[name] is not None else torch.zeros_like(named[name])
-                     for name in named]
-        return (None, None, None, None, None, deserialize_tensor(grad).to(ctx.dtype), *flat)
+        call = ctx.call
+        sink = _GradSink(call.tuning)
+        grad = _backward_requests(call, ctx.sent, serialize_tensor(grad_output.contiguous(), call.swarm.settings.codec),
+                                  sink)
+        return (None, None, None, deserialize_tensor(grad).to(ctx.dtype), *sink.flat())
 
 
 def remote_forward(swarm: RemoteSwarm, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -133,5 +205,6 @@ def remote_forward(swarm: RemoteSwarm, hidden: torch.Tensor, attention_mask: tor
     """Hidden states through blocks [start, end) (default: all), differentiable w.r.t.
     `hidden` and the tuning tensors."""
     tuning = tuning or TuningPayload()
-    chain = swarm.find_chain(start, end, randomize=True)
-    return _ChainCall.apply(swarm, chain, attention_mask, position_ids, tuning, hidden, *tuning.flat())
+    end = swarm.num_blocks if end is None else end
+    call = _Call(swarm, attention_mask, position_ids, tuning)
+    return _ChainCall.apply(call, start, end, hidden, *tuning.flat())

@@ -25,6 +25,10 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+# The request itself was wrong: another peer would refuse it too, so retrying elsewhere is pointless.
+CLIENT_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT,)
+
+
 class PeerCallError(RuntimeError):
     """A peer failed or refused a call; `code` is the gRPC status code (or None)."""
 
