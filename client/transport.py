@@ -75,25 +75,41 @@ class PeerConnection:
 
 
 class InferenceStream:
-    """One open Inference stream to one peer: send a step, wait for its answer."""
+    """One open Inference stream to one peer: send a step, wait for its answer.
+
+    A reader thread moves answers into a queue, so a step can wait with a timeout: a peer
+    that hangs (alive but not answering) is detected like one that died.
+    """
 
     def __init__(self, connection: PeerConnection, open_msg: swarm_pb2.InferenceOpen, timeout: float):
         self.connection, self.timeout = connection, timeout
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._requests.put(swarm_pb2.InferenceRequest(open=open_msg))
         self._responses = connection.stub.Inference(iter(self._requests.get, None))
+        self._answers: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._read_answers, daemon=True, name=f"answers-{connection.endpoint}").start()
         self.closed = False
         self._next()  # the peer answers `open` once the cache is reserved
 
+    def _read_answers(self) -> None:
+        try:
+            for answer in self._responses:
+                self._answers.put(answer)
+            self._answers.put(PeerCallError(self.connection.endpoint, "closed the inference stream"))
+        except grpc.RpcError as e:
+            self._answers.put(PeerCallError(self.connection.endpoint, f"{e.code().name}: {e.details()}", e.code()))
+
     def _next(self) -> swarm_pb2.InferenceResponse:
         try:
-            return next(self._responses)
-        except grpc.RpcError as e:
+            answer = self._answers.get(timeout=self.timeout)
+        except queue.Empty:
+            self.close()
+            raise PeerCallError(self.connection.endpoint, f"no answer within {self.timeout:g} s",
+                                grpc.StatusCode.DEADLINE_EXCEEDED) from None
+        if isinstance(answer, PeerCallError):
             self.closed = True
-            raise PeerCallError(self.connection.endpoint, f"{e.code().name}: {e.details()}", e.code()) from None
-        except StopIteration:
-            self.closed = True
-            raise PeerCallError(self.connection.endpoint, "closed the inference stream") from None
+            raise answer
+        return answer
 
     def step(self, step: swarm_pb2.InferenceStep) -> swarm_pb2.InferenceResponse:
         if self.closed:

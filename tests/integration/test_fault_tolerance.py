@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, StoppingCriteria
 
-from client import AutoDistributedModelForCausalLM
+from client import AutoDistributedModelForCausalLM, SwarmSettings
 from client.local_swarm import LocalSwarm
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 
@@ -29,29 +29,40 @@ def kill_9(swarm: LocalSwarm, endpoint: str) -> None:
     os.killpg(swarm.peer_procs[swarm.endpoints.index(endpoint)].pid, signal.SIGKILL)
 
 
-class KillPeerInUse(StoppingCriteria):
-    def __init__(self, swarm, session, after_tokens: int):
-        self.swarm, self.session, self.after_tokens, self.killed = swarm, session, after_tokens, None
+def hang(swarm: LocalSwarm, endpoint: str) -> None:
+    """SIGSTOP the peer at `endpoint`: alive, connected, and silent."""
+    os.kill(swarm.peer_procs[swarm.endpoints.index(endpoint)].pid, signal.SIGSTOP)
+
+
+class BreakPeerInUse(StoppingCriteria):
+    """Midway through generation, breaks the peer serving [15, 30) for the session."""
+
+    def __init__(self, swarm, session, after_tokens: int, how):
+        self.swarm, self.session, self.after_tokens, self.how, self.broken = swarm, session, after_tokens, how, None
 
     def __call__(self, input_ids, scores, **kwargs):
-        if self.killed is None and input_ids.shape[1] >= self.after_tokens:
-            self.killed = self.session.endpoints[-1]  # the peer serving [15, 30) right now
-            kill_9(self.swarm, self.killed)
+        if self.broken is None and input_ids.shape[1] >= self.after_tokens:
+            self.broken = self.session.endpoints[-1]
+            self.how(self.swarm, self.broken)
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
-def test_generation_survives_kill_9_of_the_peer_in_use(replicated_swarm):
-    model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=replicated_swarm.initial_peers)
+@pytest.mark.parametrize("how", [kill_9, hang], ids=["kill -9", "SIGSTOP"])
+def test_generation_survives_the_peer_in_use_dying_or_hanging(replicated_swarm, how):
+    model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=replicated_swarm.initial_peers,
+                                                            settings=SwarmSettings(request_timeout=3.0))
     local = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(DEFAULT_MODEL).folder).eval()
     inputs = model.tokenizer("A quick brown fox", return_tensors="pt")
     expected = local.generate(**inputs, max_new_tokens=24, do_sample=False)
     with model.inference_session(max_length=64) as session:
-        killer = KillPeerInUse(replicated_swarm, session, inputs["input_ids"].shape[1] + 8)
+        breaker = BreakPeerInUse(replicated_swarm, session, inputs["input_ids"].shape[1] + 8, how)
         ours = model.generate(**inputs, max_new_tokens=24, do_sample=False, session=session,
-                              stopping_criteria=[killer])
-        assert killer.killed is not None and killer.killed not in session.endpoints
+                              stopping_criteria=[breaker])
+        assert breaker.broken is not None and breaker.broken not in session.endpoints
     assert ours.tolist() == expected.tolist()
     model.swarm.shutdown()
+    if how is hang:  # a stopped process cannot handle SIGTERM: end it here, not in the fixture's grace period
+        kill_9(replicated_swarm, breaker.broken)
 
 
 def test_training_step_survives_a_dead_peer(replicated_swarm, caplog):
