@@ -72,6 +72,15 @@ class RemoteSwarm:
                 if record.endpoint == endpoint:
                     self.routes.ban(record.peer_id)
 
+    def retry_after(self, error: PeerCallError, failures: int) -> bool:
+        """After the `failures`-th failure of one request: False to give up (too many, or the
+        request itself is wrong); True once the failed peer is avoided, to try other peers."""
+        if failures > self.settings.max_failures or error.code in CLIENT_ERRORS:
+            return False
+        self.ban_endpoint(error.endpoint)
+        logger.warning("%s; retrying on other peers", error)
+        return True
+
     def shutdown(self) -> None:
         self.dht.shutdown()
 
@@ -105,12 +114,7 @@ class _Call:
                             self.swarm.settings.codec)
 
     def give_up(self, error: PeerCallError, failures: int) -> bool:
-        """Whether to raise; otherwise the failed peer is avoided from now on."""
-        if failures > self.swarm.settings.max_failures or error.code in CLIENT_ERRORS:
-            return True
-        self.swarm.ban_endpoint(error.endpoint)
-        logger.warning("%s; retrying on other peers", error)
-        return False
+        return not self.swarm.retry_after(error, failures)
 
 
 def _forward_range(call: _Call, start: int, end: int, hidden: swarm_pb2.Tensor, chain: list[Hop] | None = None,

@@ -17,7 +17,7 @@ from swarm.wire import deserialize_tensor, serialize_tensor, swarm_pb2
 
 from .remote import RemoteSwarm
 from .routing import Hop
-from .transport import CLIENT_ERRORS, InferenceStream, PeerCallError, PeerConnection
+from .transport import InferenceStream, PeerCallError, PeerConnection
 from .tuning import TuningPayload
 
 logger = logging.getLogger(__name__)
@@ -90,14 +90,14 @@ class InferenceSession:
                      " -> ".join(f"{h.hop.endpoint}[{h.hop.start}:{h.hop.end})" for h in self._hops))
 
     def _with_retries(self, action):
-        for failure in range(self.swarm.settings.max_failures + 1):
+        failures = 0
+        while True:
             try:
                 return action()
             except PeerCallError as e:
-                if failure == self.swarm.settings.max_failures or e.code in CLIENT_ERRORS:
+                failures += 1
+                if not self.swarm.retry_after(e, failures):
                     raise
-                self.swarm.ban_endpoint(e.endpoint)
-                logger.warning("%s; trying other peers", e)
 
     def step(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,11 +130,10 @@ class InferenceSession:
                 output = self._send(self._hops[index], step)
             except PeerCallError as e:
                 failures += 1
-                if failures > self.swarm.settings.max_failures or e.code in CLIENT_ERRORS:
+                if not self.swarm.retry_after(e, failures):
                     raise
-                logger.warning("%s; rebuilding blocks [%d, %d) of session %s on other peers", e,
+                logger.warning("rebuilding blocks [%d, %d) of session %s on other peers",
                                self._hops[index].hop.start, self._hops[index].hop.end, self.session_id)
-                self.swarm.ban_endpoint(e.endpoint)
                 self._replace(index)
                 continue
             step.hidden_states.CopyFrom(output)
