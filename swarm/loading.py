@@ -11,7 +11,7 @@ from torch import nn
 
 from .blocks import BlockSpan
 from .checkpoint import Checkpoint
-from .models import ClientParts, ModelFamily, get_family
+from .models import ClientParts, get_family
 
 logger = logging.getLogger(__name__)
 
@@ -28,15 +28,6 @@ def check_span(start: int, end: int, num_blocks: int) -> None:
         )
 
 
-def span_keys(family: ModelFamily, layers: nn.ModuleList, start: int) -> dict[str, str]:
-    """Checkpoint tensor name -> name inside the span's ModuleList."""
-    keys = {}
-    for i, layer in enumerate(layers):
-        for local in layer.state_dict(keep_vars=True):
-            keys[f"{family.layers_prefix}.{start + i}.{local}"] = f"{i}.{local}"
-    return keys
-
-
 def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype = torch.float32,
               device: torch.device | str = "cpu") -> BlockSpan:
     """Blocks [start, end) of the checkpoint's model, reading only their tensors."""
@@ -45,9 +36,13 @@ def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype =
     span_config = family.span_config(start, end)
     with torch.device("meta"):
         layers = family.build_layers(span_config)
-    keys = span_keys(family, layers, start)
-    tensors = checkpoint.read_tensors(list(keys))
-    state = {keys[name]: tensor.to(dtype) for name, tensor in tensors.items()}
+    # Name in the span -> checkpoint tensor(s): one to one, except where the family's
+    # checkpoints use another layout than its layers (Mixtral's per-expert matrices).
+    sources = family.checkpoint_sources(layers, start, checkpoint.weight_files)
+    keys = sorted({key for source in sources.values() for key in source.keys})
+    tensors = checkpoint.read_tensors(keys)
+    state = {name: source.assemble(tensors).to(dtype) for name, source in sources.items()}
+    del tensors
     layers.load_state_dict(state, assign=True, strict=True)
     _fail_on_meta(layers, f"blocks [{start}, {end})")
     layers.to(device)
@@ -55,7 +50,7 @@ def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype =
     span = BlockSpan(family, span_config, start, end, layers, rotary)
     span.requires_grad_(False)
     span.eval()
-    span.fingerprint = checkpoint.tensors_fingerprint(list(keys))
+    span.fingerprint = checkpoint.tensors_fingerprint(keys)
     return span
 
 

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from .base import ClientParts, ModelFamily
+from .base import ClientParts, ModelFamily, StoredTensor
+from .bloom import BloomFamily
+from .falcon import FalconFamily
+from .gemma3 import Gemma3Family
 from .llama import LlamaFamily
+from .mixtral import MixtralFamily
+from .phi3 import Phi3Family
 
 FAMILIES: dict[str, type[ModelFamily]] = {
-    model_type: family for family in (LlamaFamily,) for model_type in family.model_types
+    model_type: family
+    for family in (LlamaFamily, MixtralFamily, Gemma3Family, FalconFamily, BloomFamily, Phi3Family)
+    for model_type in family.model_types
 }
 
 
@@ -26,4 +33,4 @@ def get_family(config: PretrainedConfig) -> ModelFamily:
     return FAMILIES[model_type](config)
 
 
-__all__ = ["FAMILIES", "ClientParts", "ModelFamily", "UnsupportedModelError", "get_family"]
+__all__ = ["FAMILIES", "ClientParts", "ModelFamily", "StoredTensor", "UnsupportedModelError", "get_family"]

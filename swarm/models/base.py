@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+from collections.abc import Container
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
@@ -25,21 +27,47 @@ BeforeBlock = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 class ClientParts(nn.Module):
-    """What the client holds: token embeddings, the final norm and the LM head."""
+    """What the client holds: token embeddings, the final norm and the LM head, plus what
+    some families do around them (Gemma scales embeddings and soft-caps logits, BLOOM
+    normalises embeddings before the first block)."""
 
-    def __init__(self, embed_tokens: nn.Embedding, norm: nn.Module, lm_head: nn.Linear, embed_scale: float = 1.0):
+    def __init__(self, embed_tokens: nn.Embedding, norm: nn.Module, lm_head: nn.Linear, embed_scale: float = 1.0,
+                 input_norm: nn.Module | None = None, logit_softcap: float | None = None):
         super().__init__()
         self.embed_tokens = embed_tokens
         self.norm = norm
         self.lm_head = lm_head
         self.embed_scale = embed_scale
+        self.input_norm = input_norm
+        self.logit_softcap = logit_softcap
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The hidden states that enter block 0."""
         embeds = self.embed_tokens(input_ids)
-        return embeds * self.embed_scale if self.embed_scale != 1.0 else embeds
+        if self.embed_scale != 1.0:
+            # In the embeddings' dtype, as Gemma does: in bfloat16 the scale itself rounds.
+            embeds = embeds * torch.tensor(self.embed_scale).to(embeds.dtype)
+        return self.input_norm(embeds) if self.input_norm is not None else embeds
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden_states))
+        logits = self.lm_head(self.norm(hidden_states))
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor of a layer lives in a checkpoint: under one key, or split over several
+    keys that ``combine`` joins (a layout transformers converts on load, e.g. Mixtral's
+    per-expert matrices that its layer holds stacked)."""
+
+    keys: tuple[str, ...]
+    combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
+
+    def assemble(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = [tensors[key] for key in self.keys]
+        return self.combine(parts) if self.combine is not None else parts[0]
 
 
 class ModelFamily:
@@ -48,11 +76,20 @@ class ModelFamily:
     model_types: ClassVar[tuple[str, ...]] = ()
     # Class-name prefix in transformers' modeling module, per model type ("llama" -> "Llama").
     class_prefixes: ClassVar[dict[str, str]] = {}
+    # transformers' module folder, where it is not named after the model type (gemma3_text -> gemma3).
+    modeling_modules: ClassVar[dict[str, str]] = {}
+    # Model types whose forward applies config.sliding_window to every layer (no layer_types).
+    sliding_window_model_types: ClassVar[tuple[str, ...]] = ()
+    # What transformers picks for the family's layers: sdpa where the family supports it.
+    attn_implementation: ClassVar[str] = "sdpa"
+    # LoRA targets a client uses when the user names none (the family's attention projections).
+    default_lora_targets: ClassVar[tuple[str, ...]] = ("self_attn.q_proj", "self_attn.v_proj")
 
     layers_prefix: ClassVar[str] = "model.layers"
     embed_key: ClassVar[str] = "model.embed_tokens.weight"
     norm_prefix: ClassVar[str] = "model.norm"
     lm_head_key: ClassVar[str] = "lm_head.weight"
+    input_norm_prefix: ClassVar[str | None] = None  # a norm on the embeddings (BLOOM)
 
     def __init__(self, config: PretrainedConfig):
         self.config = config
@@ -61,7 +98,8 @@ class ModelFamily:
 
     def _modeling_class(self, suffix: str) -> type:
         model_type = self.config.model_type
-        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        folder = self.modeling_modules.get(model_type, model_type)
+        module = importlib.import_module(f"transformers.models.{folder}.modeling_{folder}")
         return getattr(module, f"{self.class_prefixes[model_type]}{suffix}")
 
     @property
@@ -76,7 +114,7 @@ class ModelFamily:
         if getattr(span, "layer_types", None) is not None:
             span.layer_types = list(self.config.layer_types[start:end])
         if getattr(span, "_attn_implementation", None) is None:
-            span._attn_implementation = "sdpa"
+            span._attn_implementation = self.attn_implementation
         return span
 
     def build_layers(self, span_config: PretrainedConfig) -> nn.ModuleList:
@@ -93,22 +131,49 @@ class ModelFamily:
         # session's max_length bounds the memory either way.
         return DynamicCache()
 
+    def checkpoint_sources(self, layers: nn.ModuleList, start: int,
+                           available: Container[str]) -> dict[str, StoredTensor]:
+        """Name inside the span's ModuleList -> where the checkpoint keeps it. ``available`` holds
+        the checkpoint's tensor names, for families whose checkpoints come in several layouts."""
+        return {
+            f"{i}.{local}": StoredTensor((f"{self.layers_prefix}.{start + i}.{local}",))
+            for i, layer in enumerate(layers) for local in layer.state_dict(keep_vars=True)
+        }
+
     def build_client_parts(self) -> ClientParts:
         config = self.config
-        embed = nn.Embedding(config.vocab_size, config.hidden_size, getattr(config, "pad_token_id", None))
-        norm = self._modeling_class("RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
+        embed = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx())
         lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        return ClientParts(embed, norm, lm_head, embed_scale=self.embed_scale())
+        return ClientParts(embed, self.build_final_norm(), lm_head, embed_scale=self.embed_scale(),
+                           input_norm=self.build_input_norm(), logit_softcap=self.logit_softcap())
+
+    def padding_idx(self) -> int | None:
+        return getattr(self.config, "pad_token_id", None)
+
+    def build_final_norm(self) -> nn.Module:
+        return self._modeling_class("RMSNorm")(self.config.hidden_size, eps=self.config.rms_norm_eps)
+
+    def build_input_norm(self) -> nn.Module | None:
+        return None
 
     def embed_scale(self) -> float:
         return 1.0
 
+    def logit_softcap(self) -> float | None:
+        return None
+
     def client_keys(self) -> dict[str, str]:
         """Checkpoint tensor name -> name inside ClientParts (the LM head may be tied)."""
-        keys = {self.embed_key: "embed_tokens.weight", f"{self.norm_prefix}.weight": "norm.weight"}
-        if not getattr(self.config, "tie_word_embeddings", False):
-            keys[self.lm_head_key] = "lm_head.weight"
-        return keys
+        prefixes = {"embed_tokens": self.embed_key.removesuffix(".weight"), "norm": self.norm_prefix,
+                    "input_norm": self.input_norm_prefix, "lm_head": self.lm_head_key.removesuffix(".weight")}
+        with torch.device("meta"):
+            names = list(self.build_client_parts().state_dict())
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        return {
+            f"{prefixes[module]}.{leaf}": name
+            for name in names for module, _, leaf in [name.partition(".")]
+            if not (module == "lm_head" and tied)
+        }
 
     # --- running a span ---------------------------------------------------------------------
 
@@ -128,7 +193,8 @@ class ModelFamily:
         )
         layer_types = getattr(span_config, "layer_types", None)
         if layer_types is None:
-            sliding = getattr(span_config, "sliding_window", None) is not None and span_config.model_type == "mistral"
+            sliding = (getattr(span_config, "sliding_window", None) is not None
+                       and span_config.model_type in self.sliding_window_model_types)
             mask = (create_sliding_window_causal_mask if sliding else create_causal_mask)(**kwargs)
             return [mask] * span_config.num_hidden_layers
         masks = {"full_attention": create_causal_mask}
@@ -155,7 +221,7 @@ class ModelFamily:
         before_block: BeforeBlock | None = None,
     ) -> torch.Tensor:
         masks = self.layer_masks(span_config, hidden_states, attention_mask, position_ids, cache)
-        position_embeddings = rotary(hidden_states, position_ids=position_ids)
+        position_embeddings = self.layer_position_embeddings(rotary, span_config, hidden_states, position_ids)
         for i, layer in enumerate(layers):
             if before_block is not None:
                 hidden_states = before_block(start + i, hidden_states)
@@ -165,6 +231,12 @@ class ModelFamily:
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=cache is not None,
-                position_embeddings=position_embeddings,
+                position_embeddings=position_embeddings[i],
             )
         return hidden_states
+
+    def layer_position_embeddings(self, rotary: nn.Module, span_config: PretrainedConfig,
+                                  hidden_states: torch.Tensor, position_ids: torch.Tensor) -> list:
+        """The rotary (cos, sin) each layer gets: one pair for all, computed once per forward."""
+        position_embeddings = rotary(hidden_states, position_ids=position_ids)
+        return [position_embeddings] * span_config.num_hidden_layers

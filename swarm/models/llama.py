@@ -12,3 +12,5 @@ from .base import ModelFamily
 class LlamaFamily(ModelFamily):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     class_prefixes = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+    # Mistral's forward slides every layer's window; Qwen's configs say per layer (layer_types).
+    sliding_window_model_types = ("mistral",)

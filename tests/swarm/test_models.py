@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, BloomConfig, FalconConfig, Gemma3TextConfig, GPT2Config, LlamaConfig,
+                          MistralConfig, MixtralConfig, Phi3Config, PreTrainedModel, Qwen2Config, Qwen3Config)
 
 from swarm.checkpoint import Checkpoint, resolve_checkpoint
 from swarm.loading import load_client_parts, load_span
@@ -18,6 +19,9 @@ from swarm.models import FAMILIES, UnsupportedModelError, get_family
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=256, initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 SLIDING_WINDOW = 4  # much shorter than the 10-token prompt + 16 new tokens
+# What Falcon's and BLOOM's configs call by the same names (their MLP and KV-head sizes are named otherwise).
+NAMED_ALIKE = {k: v for k, v in COMMON.items() if k not in ("intermediate_size", "num_key_value_heads",
+                                                            "max_position_embeddings")}
 
 TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(num_hidden_layers=4, **COMMON),
@@ -28,14 +32,42 @@ TINY_CONFIGS = {
                                  max_window_layers=3, **COMMON),
     # Qwen 3: q/k norms, a head_dim other than hidden/heads, and the LM head tied to the embeddings.
     "qwen3": lambda: Qwen3Config(num_hidden_layers=5, head_dim=32, tie_word_embeddings=True, **COMMON),
+    # Mixture of experts: 4 experts, 2 per token; saved with one linear per expert, as on the Hub.
+    "mixtral": lambda: MixtralConfig(num_hidden_layers=3, num_local_experts=4, num_experts_per_tok=2,
+                                     sliding_window=SLIDING_WINDOW, **COMMON),
+    # Gemma 3: sliding and full layers alternating, so each span starts with another kind; logits soft-capped.
+    # (Tiny random models with tied heads, Gemma's, Falcon's and BLOOM's, repeat one token forever.)
+    "gemma3_text": lambda: Gemma3TextConfig(
+        num_hidden_layers=4, head_dim=16, sliding_window=SLIDING_WINDOW,
+        layer_types=["sliding_attention", "full_attention"] * 2, final_logit_softcapping=30.0,
+        tie_word_embeddings=False, **COMMON),
+    # Falcon's new decoder architecture (two LayerNorms, grouped KV heads, rotary), and the original one with ALiBi.
+    "falcon": lambda: FalconConfig(num_hidden_layers=3, new_decoder_architecture=True, num_kv_heads=2,
+                                   tie_word_embeddings=False, **NAMED_ALIKE),
+    "falcon-alibi": lambda: FalconConfig(num_hidden_layers=3, alibi=True, multi_query=True, parallel_attn=False,
+                                         bias=True, tie_word_embeddings=False, **NAMED_ALIKE),
+    "bloom": lambda: BloomConfig(n_layer=3, n_head=4, tie_word_embeddings=False, **NAMED_ALIKE),
+    "phi3": lambda: Phi3Config(num_hidden_layers=3, sliding_window=SLIDING_WINDOW, **COMMON),
 }
-SPLITS = {"llama": [0, 2, 4], "mistral": [0, 2, 3, 5], "qwen2": [0, 2, 5, 6], "qwen3": [0, 3, 5]}
+SPLITS = {"llama": [0, 2, 4], "mistral": [0, 2, 3, 5], "qwen2": [0, 2, 5, 6], "qwen3": [0, 3, 5], "mixtral": [0, 1, 3],
+          "gemma3_text": [0, 1, 3, 4], "falcon": [0, 2, 3], "falcon-alibi": [0, 1, 3], "bloom": [0, 1, 3],
+          "phi3": [0, 2, 3]}
+
+
+def tiny_model(name: str) -> PreTrainedModel:
+    """The tiny random model `TINY_CONFIGS[name]`, the same on every call."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name]()).eval()
+    with torch.no_grad():  # norms start all alike (ones, zeros): a loader mixing them up would pass unseen
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
 
 
 class TinyModel:
     def __init__(self, model_type: str, folder: Path):
-        torch.manual_seed(0)
-        self.model = AutoModelForCausalLM.from_config(TINY_CONFIGS[model_type]()).eval()
+        self.model = tiny_model(model_type)
         self.model.save_pretrained(folder, safe_serialization=True)
         self.checkpoint: Checkpoint = resolve_checkpoint(folder)
         cuts = SPLITS[model_type]
@@ -53,7 +85,8 @@ def prompt_ids(batch: int = 1, length: int = 10, seed: int = 1) -> torch.Tensor:
 
 
 def test_every_claimed_type_is_registered():
-    assert {"llama", "mistral", "qwen2", "qwen3"} <= set(FAMILIES)
+    claimed = {"llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma3_text", "falcon", "bloom", "phi3"}
+    assert claimed <= set(FAMILIES)
 
 
 def test_logits_match_transformers(tiny: TinyModel, spans_forward):
@@ -96,8 +129,10 @@ def test_the_sliding_window_is_in_effect(tiny: TinyModel, spans_forward):
     if getattr(tiny.model.config, "sliding_window", None) is None:
         pytest.skip("no sliding window in this config")
     ids = prompt_ids(length=12)
+    # The same layers with a window longer than the text (rather than none: Gemma's sliding
+    # layers also differ from its full ones in their rotary base).
     full = AutoModelForCausalLM.from_config(type(tiny.model.config)(**{
-        **tiny.model.config.to_dict(), "sliding_window": None, "use_sliding_window": False, "layer_types": None}))
+        **tiny.model.config.to_dict(), "sliding_window": 1024}))
     full.load_state_dict(tiny.model.state_dict())
     with torch.no_grad():
         windowed = tiny.parts.logits(spans_forward(tiny.spans, tiny.parts.embed(ids)))
@@ -110,8 +145,8 @@ def test_unsupported_model_type_lists_supported_ones(tmp_path: Path):
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path, safe_serialization=True)
     checkpoint = resolve_checkpoint(tmp_path)
-    with pytest.raises(UnsupportedModelError, match=r"model type 'gpt2' is not supported; supported types: .*llama"
-                                                    r".*mistral.*qwen2.*qwen3"):
+    with pytest.raises(UnsupportedModelError, match=r"model type 'gpt2' is not supported; supported types: bloom, "
+                                                    r"falcon, gemma3_text, llama, mistral, mixtral, phi3, qwen2, qwen3"):
         load_span(checkpoint, 0, 1)
     with pytest.raises(UnsupportedModelError, match="'gpt2'"):
         get_family(checkpoint.config)
