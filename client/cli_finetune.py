@@ -1,4 +1,5 @@
-"""`swarm finetune`: train the client's own parameters (soft prompts, deep prompts, LoRA, or the
+"""`swarm finetune`: train the client's own parameters (soft prompts, deep prompts, LoRA, IA3,
+key/value prefixes, bottleneck adapters, the token embeddings, combinations of them, or the
 client's embeddings/norm/head) through the swarm on a JSONL file, resumably.
 
 The story of a run: read and check the data (before touching the network), look in --out for
@@ -21,8 +22,9 @@ from pathlib import Path
 
 from swarm.checkpoint import DEFAULT_MODEL
 
-MODES = ("ptune", "deep_ptune", "lora", "none")
-DEFAULT_LR = {"ptune": 1e-2, "deep_ptune": 1e-2, "lora": 1e-3, "none": 1e-5}
+MODES = ("ptune", "deep_ptune", "embeddings", "lora", "ia3", "prefix", "bottleneck", "none")
+DEFAULT_LR = {"ptune": 1e-2, "deep_ptune": 1e-2, "embeddings": 1e-4, "lora": 1e-3, "ia3": 1e-2, "prefix": 1e-2,
+              "bottleneck": 1e-3, "none": 1e-5}
 EXIT_INTERRUPTED = 130  # what shells report for a Ctrl-C'd command
 
 EPILOG = f"""\
@@ -35,6 +37,8 @@ output (--out DIR): adapter/ (load with from_pretrained(..., adapter=DIR/adapter
   loss.csv, loss.png and state.pt. Run the same command again to continue from the last
   save, or with a larger --steps to train longer. Ctrl-C saves and stops.
 
+--mode combines methods with commas, e.g. embeddings,bottleneck (the lectures' Emb+Adpt) or
+ptune,lora; the default --lr of a combination is the smallest of its modes'.
 default --lr by mode: {", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items())}
 
 example:
@@ -46,9 +50,9 @@ example:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swarm finetune",
-        description="Fine-tune your own small parameters (soft prompts, deep prompts, LoRA, or the\n"
-                    "client's embeddings and head) of a model whose blocks are served by peers.\n"
-                    "The peers' weights never change.",
+        description="Fine-tune your own small parameters (soft prompts, deep prompts, LoRA, IA3, prefixes,\n"
+                    "bottleneck adapters, or the client's embeddings and head) of a model whose blocks\n"
+                    "are served by peers. The peers' weights never change.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--initial-peers", action="append", required=True, metavar="MULTIADDR",
@@ -56,9 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, HF folder or .gguf (default {DEFAULT_MODEL})")
     parser.add_argument("--data", required=True, metavar="FILE.jsonl", help="training examples (see below)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where the adapter, loss curve and state go")
-    parser.add_argument("--mode", choices=MODES, default="lora",
-                        help="what trains: ptune (soft prompts), deep_ptune (plus per-block prompts), lora, "
-                             "none (the client's embeddings, norm and LM head) (default lora)")
+    parser.add_argument("--mode", type=parse_modes, default="lora", metavar="MODE[,MODE...]",
+                        help="what trains: ptune (soft prompts), deep_ptune (plus per-block prompts), embeddings "
+                             "(the token embeddings), lora, ia3 (scaling vectors), prefix (key/value prefixes), "
+                             "bottleneck (adapters), or none (the client's embeddings, norm and LM head); "
+                             "comma-separated to combine (default lora)")
     parser.add_argument("--pre-seq-len", type=int, default=16, metavar="N", help="soft prompt length for ptune/deep_ptune (default 16)")
     parser.add_argument("--lora-rank", type=int, default=8, metavar="R", help="(default 8)")
     parser.add_argument("--lora-alpha", type=float, default=16.0, metavar="A", help="scaling is alpha/rank (default 16)")
@@ -66,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-targets", default=None, metavar="NAMES",
                         help="comma-separated linear layers of each block, e.g. q_proj,k_proj,v_proj,o_proj "
                              "(default self_attn.q_proj,self_attn.v_proj)")
+    parser.add_argument("--prefix-tokens", type=int, default=16, metavar="N", help="virtual tokens of --mode prefix (default 16)")
+    parser.add_argument("--prefix-projection", type=int, default=0, metavar="H",
+                        help="train the prefix through an MLP with H hidden units, as PEFT's prefix_projection "
+                             "(default 0: train the keys/values directly)")
+    parser.add_argument("--bottleneck-placement", choices=("pfeiffer", "houlsby"), default="pfeiffer",
+                        help="adapters after the feed-forward (pfeiffer) or after attention and feed-forward "
+                             "(houlsby) (default pfeiffer)")
+    parser.add_argument("--bottleneck-reduction", type=int, default=16, metavar="R",
+                        help="bottleneck size is hidden size / R (default 16)")
     parser.add_argument("--steps", type=int, default=100, help="total optimizer steps of the run, resumed ones included (default 100)")
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default depends on --mode, see below)")
     parser.add_argument("--batch-size", type=int, default=4, help="examples per step (default 4)")
@@ -75,10 +90,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_modes(text: str) -> str:
+    """'embeddings, bottleneck' -> 'embeddings,bottleneck'; unknown or repeated modes are refused."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown mode {', '.join(unknown) or repr(text)}; choose from {', '.join(MODES)}")
+    if len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(f"{text!r} names a mode twice")
+    if "none" in modes and len(modes) > 1:
+        raise argparse.ArgumentTypeError("none trains the client's own parts and combines with nothing")
+    return ",".join(modes)
+
+
+def default_lr(mode: str) -> float:
+    return min(DEFAULT_LR[m] for m in mode.split(","))
+
+
+def tuning_modes(args: argparse.Namespace) -> list | None:
+    """--mode and its flags as from_pretrained's tuning_mode."""
+    from swarm.tuning import BottleneckAdapter, PrefixTuning
+
+    if args.mode == "none":
+        return None
+    methods = {"prefix": lambda: PrefixTuning(args.prefix_tokens, projection=args.prefix_projection or None),
+               "bottleneck": lambda: BottleneckAdapter(args.bottleneck_placement, args.bottleneck_reduction)}
+    return [methods[m]() if m in methods else m for m in args.mode.split(",")]
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag, value, least in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
                                ("--max-length", args.max_length, 2), ("--save-every", args.save_every, 1),
-                               ("--pre-seq-len", args.pre_seq_len, 1), ("--lora-rank", args.lora_rank, 1)):
+                               ("--pre-seq-len", args.pre_seq_len, 1), ("--lora-rank", args.lora_rank, 1),
+                               ("--prefix-tokens", args.prefix_tokens, 1), ("--prefix-projection", args.prefix_projection, 0),
+                               ("--bottleneck-reduction", args.bottleneck_reduction, 1)):
         if value < least:
             parser.error(f"{flag} must be at least {least}, got {value}")
     if args.lr is not None and args.lr <= 0:
@@ -93,12 +138,17 @@ def run_setup(args: argparse.Namespace) -> dict:
     """The settings that fix what the trainable parameters are; a resumed run must match them."""
     from swarm.tuning.lora import DEFAULT_TARGETS
 
+    modes = args.mode.split(",")
     setup = {"model": args.model, "mode": args.mode}
-    if args.mode in ("ptune", "deep_ptune"):
+    if "ptune" in modes or "deep_ptune" in modes:
         setup["pre_seq_len"] = args.pre_seq_len
-    if args.mode == "lora":
+    if "lora" in modes:
         targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else list(DEFAULT_TARGETS)
         setup.update(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=targets)
+    if "prefix" in modes:
+        setup.update(prefix_tokens=args.prefix_tokens, prefix_projection=args.prefix_projection)
+    if "bottleneck" in modes:
+        setup.update(bottleneck_placement=args.bottleneck_placement, bottleneck_reduction=args.bottleneck_reduction)
     return setup
 
 
@@ -172,9 +222,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)  # the initial soft prompts / LoRA A draw from it
     peers = [p for item in args.initial_peers for p in item.split(",") if p]
-    modes = None if args.mode == "none" else args.mode
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        args.model, initial_peers=peers, tuning_mode=modes, pre_seq_len=args.pre_seq_len,
+        args.model, initial_peers=peers, tuning_mode=tuning_modes(args), pre_seq_len=args.pre_seq_len,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         lora_targets=setup.get("lora_targets"))
     try:
@@ -198,7 +247,7 @@ def train(model, args: argparse.Namespace, out: Path, records, state, setup: dic
 
     examples = tokenize(records, model.tokenizer, args.max_length, path=args.data)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(list(params.values()), lr=args.lr or DEFAULT_LR[args.mode], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=args.lr or default_lr(args.mode), weight_decay=0.0)
     losses: list[float] = []
     position = 0
     if state is not None:
@@ -210,7 +259,7 @@ def train(model, args: argparse.Namespace, out: Path, records, state, setup: dic
                 param.copy_(state.trainable[name])
         optimizer.load_state_dict(state.optimizer)
         for group in optimizer.param_groups:  # a new --lr applies from here on
-            group["lr"] = args.lr or DEFAULT_LR[args.mode]
+            group["lr"] = args.lr or default_lr(args.mode)
         torch.set_rng_state(state.rng)
         losses, position = list(state.losses), state.data_position
         if state.data_digest != digest:

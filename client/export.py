@@ -2,15 +2,20 @@
 
 A folder written by `save_adapter` holds:
 
-- ``swarmlm_tuning.json`` + ``swarmlm_tuning.safetensors``: the tuning setup and every
-  trainable tensor under its client name, for an exact round trip into swarmlm;
-- with LoRA, also PEFT's own files (``adapter_config.json`` + ``adapter_model.safetensors``),
-  so ``peft.PeftModel.from_pretrained(local_transformers_model, DIR)`` gives the same model;
-- with no tuning mode (or `train_lm_head`), ``client_parts.safetensors``: the trained embeddings, final norm and
-  LM head under the checkpoint's own tensor names (loadable into a local model with
-  ``load_state_dict(..., strict=False)``).
+- ``swarmlm_tuning.json`` + ``swarmlm_tuning.safetensors``: the tuning setup (modes, each
+  method's settings) and every trainable tensor under its client name, for an exact round
+  trip into swarmlm (a prefix trained through its MLP keeps the MLP);
+- each adapter method's files for other tools: PEFT's (``adapter_config.json`` +
+  ``adapter_model.safetensors``) for LoRA, IA3 and prefix tuning, so
+  ``peft.PeftModel.from_pretrained(local_transformers_model, DIR)`` gives the same model;
+  the documented bottleneck files (swarm/tuning/bottleneck.py) for bottleneck adapters. With
+  one adapter method they sit in DIR itself; with several, each in ``DIR/<method name>/``;
+- when the client's own parts train (no tuning mode, ``embeddings``, or `train_lm_head`),
+  ``client_parts.safetensors``: the embeddings, final norm and LM head under the checkpoint's
+  own tensor names (loadable into a local model with ``load_state_dict(..., strict=False)``).
 
-`load_adapter` reads a swarmlm folder, or a plain PEFT LoRA folder trained elsewhere.
+`load_adapter` reads a swarmlm folder, or a folder another tool wrote for one method (a PEFT
+LoRA, IA3 or prefix-tuning adapter, or bottleneck files).
 """
 
 from __future__ import annotations
@@ -21,91 +26,80 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from swarm.models import ModelFamily
-from swarm.tuning import LoRA
+from swarm.tuning import METHODS, AdapterMethod, ExportTarget, method_from_json
+
+from .tuning import CLIENT_MODES
 
 TUNING_JSON = "swarmlm_tuning.json"
 TUNING_TENSORS = "swarmlm_tuning.safetensors"
 CLIENT_PARTS = "client_parts.safetensors"
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
-def lora_peft_key(family: ModelFamily, name: str) -> str:
-    """'3.self_attn.q_proj.lora_A' -> 'base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight'."""
-    block, rest = name.split(".", 1)
-    return f"base_model.model.{family.layers_prefix}.{block}.{rest}.weight"
-
-
-def lora_name_from_peft(family: ModelFamily, key: str) -> str:
-    prefix = f"base_model.model.{family.layers_prefix}."
-    if not key.startswith(prefix) or not key.endswith(".weight"):
-        raise ValueError(f"PEFT tensor {key!r} is not a LoRA weight of {family.layers_prefix}")
-    return key[len(prefix):-len(".weight")]
+def export_target(model) -> ExportTarget:
+    return ExportTarget(layers_prefix=model.family.layers_prefix, base_model=model.name_or_path)
 
 
 def save_adapter(model, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     family, tuning = model.family, model.tuning
-    if tuning is None or model.train_lm_head:
+    if tuning is None or model.train_lm_head or tuning.trains_embeddings:
         keys = {v: k for k, v in family.client_keys().items()}
         state = {keys[n]: t.detach().contiguous() for n, t in model.client.state_dict().items() if n in keys}
         save_file(state, folder / CLIENT_PARTS)
     if tuning is None:
         (folder / TUNING_JSON).write_text(json.dumps({"modes": []}, indent=2))
         return folder
-    settings = {"modes": tuning.modes, "pre_seq_len": tuning.prefix_length, "train_lm_head": model.train_lm_head}
-    tensors = {n: p.detach().contiguous() for n, p in tuning.named_parameters()}
+    settings = {"modes": tuning.modes, "pre_seq_len": tuning.prefix_length, "train_lm_head": model.train_lm_head,
+                "methods": {m.name: _saved_settings(m) for m in tuning.methods}}
+    target = export_target(model)
     for adapter in tuning.adapters:
-        if isinstance(adapter.method, LoRA):
-            settings["lora"] = adapter.method.settings() | {"seed": None}
-            _save_peft_lora(family, adapter, model.name_or_path, folder)
-    save_file(tensors, folder / TUNING_TENSORS)
+        where = folder if len(tuning.adapters) == 1 else folder / adapter.method.name
+        adapter.method.save_files(where, {n: t.detach() for n, t in adapter.tensors().items()}, target)
+    save_file({n: p.detach().contiguous() for n, p in tuning.named_parameters()}, folder / TUNING_TENSORS)
     (folder / TUNING_JSON).write_text(json.dumps(settings, indent=2))
     return folder
 
 
-def _save_peft_lora(family: ModelFamily, adapter, base_name: str, folder: Path) -> None:
-    method: LoRA = adapter.method
-    targets = sorted({t.rsplit(".", 1)[-1] for t in method.targets})
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
-        "r": method.rank, "lora_alpha": method.alpha, "lora_dropout": method.dropout,
-        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "use_rslora": False, "init_lora_weights": True, "modules_to_save": None,
-    }
-    weights = {lora_peft_key(family, n): t.detach().contiguous() for n, t in adapter.tensors().items()}
-    save_file(weights, folder / PEFT_WEIGHTS)
-    (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
+def _saved_settings(method: AdapterMethod) -> dict:
+    settings = method.settings()
+    if "seed" in settings:
+        settings["seed"] = None  # a training step's dropout seed; a loaded adapter starts in inference
+    return settings
 
 
-def read_tuning_settings(folder: str | Path) -> dict:
+def read_tuning_settings(folder: str | Path, target: ExportTarget) -> dict:
     """The from_pretrained keyword arguments that rebuild the folder's tuning setup."""
     folder = Path(folder)
     if (folder / TUNING_JSON).exists():
         settings = json.loads((folder / TUNING_JSON).read_text())
-        kwargs = {"tuning_mode": settings["modes"] or None, "pre_seq_len": settings.get("pre_seq_len") or 16,
-                  "train_lm_head": bool(settings.get("train_lm_head"))}
-        if "lora" in settings:
-            lora = settings["lora"]
-            kwargs.update(lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                          lora_targets=lora["targets"])
-        return kwargs
-    if (folder / PEFT_CONFIG).exists():
-        config = json.loads((folder / PEFT_CONFIG).read_text())
-        if config.get("peft_type") != "LORA":
-            raise ValueError(f"{folder}: PEFT adapter type {config.get('peft_type')!r} is not supported; "
-                             "swarmlm loads PEFT LoRA adapters and its own folders")
-        targets = config["target_modules"]
-        return {"tuning_mode": "lora", "lora_rank": config["r"], "lora_alpha": config["lora_alpha"],
-                "lora_dropout": config.get("lora_dropout", 0.0),
-                "lora_targets": [targets] if isinstance(targets, str) else sorted(targets)}
-    raise FileNotFoundError(f"{folder} holds no {TUNING_JSON} or {PEFT_CONFIG}: not an adapter folder")
+        methods = dict(settings.get("methods", {}))
+        if "lora" in settings:  # folders written before every method had its settings under "methods"
+            methods["lora"] = settings["lora"]
+        modes = [m if m in CLIENT_MODES else method_from_json(m, json.dumps(methods.get(m, {})))
+                 for m in settings["modes"]]
+        return {"tuning_mode": modes or None, "pre_seq_len": settings.get("pre_seq_len") or 16,
+                "train_lm_head": bool(settings.get("train_lm_head"))}
+    method, _ = _foreign_adapter(folder, target)
+    return {"tuning_mode": [method]}
+
+
+def _foreign_adapter(folder: Path, target: ExportTarget) -> tuple[AdapterMethod, dict[str, torch.Tensor]]:
+    for method in METHODS.values():
+        found = method.load_files(folder, target)
+        if found is not None:
+            return found
+    config = folder / "adapter_config.json"
+    if config.exists():
+        peft_type = json.loads(config.read_text()).get("peft_type")
+        raise ValueError(f"{folder}: PEFT adapter type {peft_type!r} is not supported; swarmlm loads PEFT "
+                         f"{', '.join(m.peft_type for m in METHODS.values() if m.peft_type)} adapters and its own folders")
+    raise FileNotFoundError(f"{folder} holds no {TUNING_JSON}, PEFT adapter or bottleneck adapter files: "
+                            "not an adapter folder")
 
 
 def load_adapter(model, folder: str | Path) -> None:
-    """Loads the folder's tensors into a model built with `read_tuning_settings(folder)`."""
+    """Loads the folder's tensors into a model built with `read_tuning_settings(folder, ...)`."""
     folder = Path(folder)
     if (folder / CLIENT_PARTS).exists():
         keys = model.family.client_keys()
@@ -121,14 +115,5 @@ def load_adapter(model, folder: str | Path) -> None:
             raise ValueError(f"{folder}: tensors do not match this model's tuning setup: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         return
-    weights = load_file(folder / PEFT_WEIGHTS)
-    adapter = model.tuning.adapters[0]
-    params = adapter.tensors()
-    loaded = {lora_name_from_peft(model.family, k): t for k, t in weights.items()}
-    if set(loaded) != set(params):
-        raise ValueError(f"{folder}: PEFT LoRA tensors do not match this model "
-                         f"(missing {sorted(set(params) - set(loaded))[:5]}, "
-                         f"unexpected {sorted(set(loaded) - set(params))[:5]})")
-    with torch.no_grad():
-        for name, tensor in loaded.items():
-            params[name].copy_(tensor)
+    _, tensors = _foreign_adapter(folder, export_target(model))
+    model.tuning.adapters[0].load_tensors(tensors)

@@ -20,14 +20,14 @@ from swarm.checkpoint import resolve_checkpoint, config_fingerprint
 from swarm.loading import load_client_parts
 from swarm.models import ClientParts, get_family
 from swarm.registry import make_model_id
-from swarm.tuning import LoRA
+from swarm.tuning import ExportTarget, LoRA
 from swarm.tuning.lora import DEFAULT_TARGETS
 
 from .remote import RemoteSwarm, SwarmSettings, remote_forward
 from .export import load_adapter, read_tuning_settings, save_adapter
 from .sequential import RemoteBody
 from .session import InferenceSession
-from .tuning import ClientTuning
+from .tuning import ClientTuning, resolve_modes
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         # With a tuning method only its parameters train; without one, the client's own
         # embeddings, norm and head do (gradients reach them through the remote blocks).
         self.client.requires_grad_(tuning is None)
+        if tuning is not None and tuning.trains_embeddings:  # a tied LM head trains with them
+            self.client.embed_tokens.requires_grad_(True)
         self.train_lm_head = train_lm_head and tuning is not None
         if self.train_lm_head:  # asked for on top of a tuning method (tied heads train the embeddings too)
             self.client.lm_head.requires_grad_(True)
@@ -84,19 +86,22 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, name_or_path: str, initial_peers: list[str] | str = (), *, dht=None,
                         settings: SwarmSettings | None = None, dtype: torch.dtype = torch.float32,
-                        tuning_mode: str | list[str] | None = None, pre_seq_len: int = 16,
+                        tuning_mode=None, pre_seq_len: int = 16,
                         lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
                         lora_targets: list[str] | None = None, peft_config=None, adapter: str | None = None,
                         train_lm_head: bool = False) -> "DistributedModelForCausalLM":
         """The client half of `name_or_path` (a named model, HF folder or .gguf), joined to
         the swarm through `initial_peers` (multiaddrs printed by `swarm dht`).
 
-        `tuning_mode`: None (the client's embeddings, norm and head train), "ptune" (soft
-        prompts of `pre_seq_len` tokens), "deep_ptune" (plus per-block prompts), "lora"
-        (client-owned LoRA on `lora_targets` of every remote block), or a list of them.
-        A `peft.LoraConfig` given as `peft_config` sets the LoRA settings; `train_lm_head`
-        trains the LM head too, on top of a tuning method. `adapter` loads a
-        folder written by `save_adapter` (or a PEFT LoRA folder), settings included."""
+        `tuning_mode`: None (the client's embeddings, norm and head train), or one or a list of:
+        "ptune" (soft prompts of `pre_seq_len` tokens), "deep_ptune" (plus per-block prompts),
+        "embeddings" (the client's token embeddings), "lora" (on `lora_targets` of every remote
+        block), "ia3", "prefix", "bottleneck" (default settings), a method object with its own
+        settings (`swarm.tuning.LoRA(rank=4)`, `IA3()`, `PrefixTuning(num_virtual_tokens=8,
+        projection=256)`, `BottleneckAdapter("houlsby", reduction_factor=16)`), or a PEFT config
+        (LoraConfig, IA3Config, PrefixTuningConfig); `peft_config` adds one the same way.
+        `train_lm_head` trains the LM head too, on top of a tuning method. `adapter` loads a folder
+        written by `save_adapter` (or a PEFT LoRA/IA3/prefix-tuning folder), settings included."""
         if isinstance(initial_peers, str):
             initial_peers = [initial_peers]
         checkpoint = resolve_checkpoint(name_or_path)
@@ -104,30 +109,20 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         family = get_family(config)
         parts = load_client_parts(checkpoint, dtype=dtype)
         model_id = make_model_id(checkpoint.name, config_fingerprint(config))
-        swarm = RemoteSwarm(list(initial_peers), model_id, family.num_blocks, settings, dht=dht)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         tuning = None
         if adapter is not None:
-            saved = read_tuning_settings(adapter)
-            tuning_mode = saved.pop("tuning_mode")
-            pre_seq_len = saved.pop("pre_seq_len", pre_seq_len)
-            lora_rank = saved.get("lora_rank", lora_rank)
-            lora_alpha = saved.get("lora_alpha", lora_alpha)
-            lora_dropout = saved.get("lora_dropout", lora_dropout)
-            lora_targets = saved.get("lora_targets", lora_targets)
+            saved = read_tuning_settings(adapter, ExportTarget(family.layers_prefix, checkpoint.name))
+            tuning_mode, peft_config = saved["tuning_mode"], None
+            pre_seq_len = saved.get("pre_seq_len", pre_seq_len)
             train_lm_head = saved.get("train_lm_head", train_lm_head)
-        if peft_config is not None:
-            tuning_mode = tuning_mode or "lora"
-            lora_rank, lora_alpha = peft_config.r, peft_config.lora_alpha
-            lora_dropout = peft_config.lora_dropout
-            targets = peft_config.target_modules
-            lora_targets = [targets] if isinstance(targets, str) else sorted(targets) if targets else None
-        if tuning_mode:
-            modes = [tuning_mode] if isinstance(tuning_mode, str) else list(tuning_mode)
-            lora = LoRA(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
-                        targets=lora_targets or DEFAULT_TARGETS) if "lora" in modes else None
-            tuning = ClientTuning(family, modes, config.hidden_size, pre_seq_len, lora, parts.embed_tokens)
+        lora = LoRA(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets or DEFAULT_TARGETS)
+        modes = resolve_modes(tuning_mode, peft_config, lora)
+        if modes:
+            tuning = ClientTuning(family, modes, config.hidden_size, pre_seq_len, parts.embed_tokens)
+        # Joined last: a bad tuning setup above is refused before a DHT node starts.
+        swarm = RemoteSwarm(list(initial_peers), model_id, family.num_blocks, settings, dht=dht)
         model = cls(config, parts, swarm, tuning, train_lm_head)
         model.family, model.name_or_path = family, checkpoint.name
         if adapter is not None:
@@ -145,7 +140,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return self.client.lm_head
 
     def save_adapter(self, folder) -> None:
-        """Writes what the client trained (see client/export.py; LoRA in PEFT's format)."""
+        """Writes what the client trained (see client/export.py: PEFT's format for LoRA, IA3 and
+        prefix tuning, a documented one for bottleneck adapters)."""
         save_adapter(self, folder)
 
     def inference_session(self, max_length: int) -> InferenceSession:

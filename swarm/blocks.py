@@ -16,7 +16,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
 
 from .models import ModelFamily
-from .tuning import AdapterSet, adapters_applied
+from .tuning import AdapterSet, AppliedAdapters, adapters_applied
 
 
 class SpanInputError(ValueError):
@@ -36,7 +36,8 @@ class SpanGrads:
 @dataclass
 class InferenceState:
     """One inference session's memory on this span: KV cache, padding mask so far, and the
-    client tensors fixed for the session."""
+    client tensors fixed for the session. A key/value prefix (prefix tuning) sits in the cache
+    ahead of the session's tokens; `position` and the mask count only the session's tokens."""
 
     cache: Cache
     batch_size: int
@@ -45,6 +46,7 @@ class InferenceState:
     attention_mask: torch.Tensor | None = None  # (batch, position), None while all ones
     deep_prompts: torch.Tensor | None = None
     adapters: list[AdapterSet] = field(default_factory=list)
+    prefix_length: int = 0
 
 
 def default_position_ids(attention_mask: torch.Tensor | None, past: int, new: int, batch: int,
@@ -55,6 +57,16 @@ def default_position_ids(attention_mask: torch.Tensor | None, past: int, new: in
         return torch.arange(past, past + new, device=device).unsqueeze(0).expand(batch, new)
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.masked_fill(attention_mask == 0, 0)[:, past: past + new]
+
+
+def _behind_prefix(prefix_length: int, attention_mask: torch.Tensor | None,
+                   position_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The input seen behind a key/value prefix, as PEFT runs it: the mask gains ones for the
+    prefix and positions start after it (its keys carry no rotary position of their own)."""
+    if attention_mask is not None:
+        ones = attention_mask.new_ones(attention_mask.shape[0], prefix_length)
+        attention_mask = torch.cat([ones, attention_mask], dim=1)
+    return attention_mask, position_ids + prefix_length
 
 
 class BlockSpan(nn.Module):
@@ -74,7 +86,8 @@ class BlockSpan(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.layers.parameters()).dtype
+        # The compute dtype: quantized linears (swarm.quant) may hold integer parameters.
+        return next(p.dtype for p in self.layers.parameters() if p.is_floating_point())
 
     @property
     def device(self) -> torch.device:
@@ -97,10 +110,17 @@ class BlockSpan(nn.Module):
             position_ids = default_position_ids(attention_mask, 0, seq, batch, hidden_states.device)
         self._check_positions(position_ids, batch, seq)
         before_block = self._deep_prompt_adder(deep_prompts, batch, past=0, new=seq)
-        with adapters_applied(self.layers, self.start, list(adapters)):
+        with adapters_applied(self.layers, self.start, list(adapters)) as applied:
+            cache = None
+            if applied.prefix_length:
+                # A cache of this call only, holding the prefix; it stays connected to the
+                # prefix tensors, so Backward gets their gradients.
+                cache = self.family.new_cache(self.span_config)
+                self._prefill(cache, applied, batch)
+                attention_mask, position_ids = _behind_prefix(applied.prefix_length, attention_mask, position_ids)
             return self.family.run_layers(
                 self.layers, self.rotary, self.span_config, self.start, hidden_states,
-                attention_mask, position_ids, cache=None, before_block=before_block,
+                attention_mask, position_ids, cache=cache, before_block=before_block,
             )
 
     def backward(
@@ -147,10 +167,13 @@ class BlockSpan(nn.Module):
             raise SpanInputError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
         if deep_prompts is not None:
             self._check_deep_prompts(deep_prompts, batch_size)
-        with adapters_applied(self.layers, self.start, list(adapters)):
-            pass  # checks every tensor against its block now: a bad session is refused when it opens
-        return InferenceState(cache=self.family.new_cache(self.span_config), batch_size=batch_size,
-                              max_length=max_length, deep_prompts=deep_prompts, adapters=list(adapters))
+        cache = self.family.new_cache(self.span_config)
+        # Checks every tensor against its block now: a bad session is refused when it opens.
+        with adapters_applied(self.layers, self.start, list(adapters)) as applied, torch.no_grad():
+            if applied.prefix_length:
+                self._prefill(cache, applied, batch_size)
+        return InferenceState(cache=cache, batch_size=batch_size, max_length=max_length, deep_prompts=deep_prompts,
+                              adapters=list(adapters), prefix_length=applied.prefix_length)
 
     @torch.inference_mode()
     def inference_step(
@@ -196,11 +219,14 @@ class BlockSpan(nn.Module):
             full_mask = torch.cat([full_mask, attention_mask], dim=1)
         if position_ids is None:
             position_ids = default_position_ids(full_mask, past, new, batch, hidden_states.device)
+        layer_mask = full_mask
+        if state.prefix_length:
+            layer_mask, position_ids = _behind_prefix(state.prefix_length, full_mask, position_ids)
         before_block = self._deep_prompt_adder(state.deep_prompts, batch, past=past, new=new)
         with adapters_applied(self.layers, self.start, state.adapters):
             outputs = self.family.run_layers(
                 self.layers, self.rotary, self.span_config, self.start, hidden_states,
-                full_mask, position_ids, cache=state.cache, before_block=before_block,
+                layer_mask, position_ids, cache=state.cache, before_block=before_block,
             )
         # Committed only now: a step refused above, or failing in the layers, leaves the
         # padding mask and position as they were.
@@ -232,6 +258,12 @@ class BlockSpan(nn.Module):
             state.attention_mask = state.attention_mask[hypo_ids]
 
     # --- checks and helpers -------------------------------------------------------------------
+
+    def _prefill(self, cache: Cache, applied: AppliedAdapters, batch: int) -> None:
+        """Puts each layer's prefix keys/values in the cache, as PEFT's past_key_values would be."""
+        for i, (keys, values) in enumerate(applied.kv_prefixes):
+            cache.update(keys.to(self.dtype).unsqueeze(0).expand(batch, -1, -1, -1),
+                         values.to(self.dtype).unsqueeze(0).expand(batch, -1, -1, -1), i)
 
     def _deep_prompt_adder(self, deep_prompts: torch.Tensor | None, batch: int, past: int, new: int):
         """Deep prompts are added to the hidden states of the first ``prefix`` positions

@@ -1,13 +1,17 @@
-"""Client-owned tuning parameters applied inside remote blocks."""
+"""Client-owned tuning parameters applied inside remote blocks: one mechanism (base.py), one
+module per method. A new method subclasses AdapterMethod and is listed in METHODS."""
 
 from __future__ import annotations
 
 import json
 
-from .base import AdapterError, AdapterMethod, AdapterSet, adapters_applied
+from .base import AdapterError, AdapterMethod, AdapterSet, AppliedAdapters, ExportTarget, adapters_applied
+from .bottleneck import BottleneckAdapter
+from .ia3 import IA3
 from .lora import LoRA
+from .prefix import PrefixTuning
 
-METHODS: dict[str, type[AdapterMethod]] = {cls.name: cls for cls in (LoRA,)}
+METHODS: dict[str, type[AdapterMethod]] = {cls.name: cls for cls in (LoRA, IA3, PrefixTuning, BottleneckAdapter)}
 
 
 def method_from_json(name: str, settings_json: str) -> AdapterMethod:
@@ -22,8 +26,11 @@ def method_from_json(name: str, settings_json: str) -> AdapterMethod:
         raise AdapterError(f"{name} settings must be a JSON object")
     try:
         return METHODS[name](**settings)
-    except TypeError as e:
+    except (TypeError, ValueError, OverflowError) as e:
+        if isinstance(e, AdapterError):
+            raise
         raise AdapterError(f"bad {name} settings: {e}") from None
 
 
-__all__ = ["METHODS", "AdapterError", "AdapterMethod", "AdapterSet", "LoRA", "adapters_applied", "method_from_json"]
+__all__ = ["METHODS", "AdapterError", "AdapterMethod", "AdapterSet", "AppliedAdapters", "BottleneckAdapter",
+           "ExportTarget", "IA3", "LoRA", "PrefixTuning", "adapters_applied", "method_from_json"]

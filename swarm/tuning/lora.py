@@ -8,20 +8,25 @@ the forward pass for Backward draws exactly the masks the Forward call drew.
 
 from __future__ import annotations
 
+import math
+import numbers
 import zlib
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterError, AdapterMethod
+from .base import AdapterError, AdapterMethod, ExportTarget, find_linears, module_targets
+from .peft_files import block_key, block_name, module_names, read_peft, write_peft
 
 DEFAULT_TARGETS = ("self_attn.q_proj", "self_attn.v_proj")
 
 
 class LoRA(AdapterMethod):
     name: ClassVar[str] = "lora"
+    peft_type: ClassVar[str] = "LORA"
 
     def __init__(
         self,
@@ -31,6 +36,17 @@ class LoRA(AdapterMethod):
         dropout: float = 0.0,
         seed: int | None = None,
     ):
+        # Settings come as JSON from any client: check their types before converting anything.
+        for key, value in (("rank", rank), ("alpha", alpha), ("dropout", dropout)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise AdapterError(f"LoRA {key} must be a finite number, got {value!r}")
+        if isinstance(targets, str):
+            targets = (targets,)
+        if targets is not None and not all(isinstance(t, str) for t in targets):
+            raise AdapterError(f"LoRA targets must be module names, e.g. ['q_proj', 'v_proj'], got {targets!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                                 or not 0 <= seed < 2**32):
+            raise AdapterError(f"LoRA seed must be None or an integer in [0, 2**32), got {seed!r}")
         if not 1 <= int(rank) <= 1024:
             raise AdapterError(f"LoRA rank must be in [1, 1024], got {rank}")
         if not 0.0 <= float(dropout) < 1.0:
@@ -38,8 +54,8 @@ class LoRA(AdapterMethod):
         if not targets:
             raise AdapterError("LoRA needs at least one target module, e.g. ['q_proj', 'v_proj']")
         self.rank, self.alpha, self.dropout = int(rank), float(alpha), float(dropout)
-        self.targets = tuple(targets)
-        self.seed = seed  # None: dropout is off (inference); set per training step by the client
+        self.targets = module_targets(targets, "LoRA")
+        self.seed = None if seed is None else int(seed)  # None: dropout off (inference); set per training step
 
     @property
     def scaling(self) -> float:
@@ -50,27 +66,14 @@ class LoRA(AdapterMethod):
                 "dropout": self.dropout, "seed": self.seed}
 
     def resolve_targets(self, layer: nn.Module) -> dict[str, nn.Linear]:
-        """Target names may be full paths inside the layer ("self_attn.q_proj") or the last
-        component ("q_proj"); every target must name at least one linear."""
-        linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        found: dict[str, nn.Linear] = {}
-        for target in self.targets:
-            hits = {n: m for n, m in linears.items() if n == target or n.endswith("." + target)}
-            if not hits:
-                raise AdapterError(
-                    f"LoRA target {target!r} matches no linear layer; this layer has {sorted(linears)}"
-                )
-            found.update(hits)
-        return dict(sorted(found.items()))
+        return find_linears(layer, self.targets, "LoRA")
 
     def tensor_shapes(self, layer: nn.Module) -> dict[str, tuple[int, ...]]:
         shapes = {}
         for name, linear in self.resolve_targets(layer).items():
             shapes[f"{name}.lora_A"] = (self.rank, linear.in_features)
             shapes[f"{name}.lora_B"] = (linear.out_features, self.rank)
-        if sum(torch.Size(s).numel() for s in shapes.values()) > self.max_elements_per_block:
-            raise AdapterError(f"LoRA rank {self.rank} is too large for these layers")
-        return shapes
+        return self._check_size(shapes, f"rank {self.rank}")
 
     def attach(self, layer: nn.Module, tensors: dict[str, torch.Tensor], block_index: int) -> list:
         handles = []
@@ -95,3 +98,39 @@ class LoRA(AdapterMethod):
             return output + delta.to(output.dtype)
 
         return add_lora
+
+    # --- the client's side ---------------------------------------------------------------------
+
+    def init_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        # PEFT's init: A like a linear layer, B zero, so training starts from the base model.
+        if name.endswith("lora_A"):
+            nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(tensor)
+
+    def save_files(self, folder: Path, tensors: dict[str, torch.Tensor], target: ExportTarget) -> bool:
+        config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": target.base_model,
+            "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+            "target_modules": sorted({t.rsplit(".", 1)[-1] for t in self.targets}), "bias": "none",
+            "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "init_lora_weights": True,
+            "modules_to_save": None,
+        }
+        write_peft(folder, config, {block_key(target, n, ".weight"): t for n, t in tensors.items()})
+        return True
+
+    @classmethod
+    def load_files(cls, folder: Path, target: ExportTarget):
+        found = read_peft(folder, "LORA")
+        if found is None:
+            return None
+        config, weights = found
+        return cls.from_peft_config(config), {block_name(target, k, ".weight"): t for k, t in weights.items()}
+
+    @classmethod
+    def from_peft_config(cls, config: dict) -> "LoRA":
+        if config.get("use_rslora") or config.get("use_dora") or config.get("bias", "none") != "none":
+            raise AdapterError("LoRA variants (rslora, DoRA, trained biases) are not supported")
+        targets = config.get("target_modules")
+        return cls(rank=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                   targets=module_names(targets) if targets else DEFAULT_TARGETS)

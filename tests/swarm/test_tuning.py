@@ -162,7 +162,7 @@ def test_lora_settings_are_checked():
     method = LoRA(rank=2, alpha=4, targets=["q_proj"], dropout=0.1, seed=3)
     again = method_from_json("lora", method.to_json())
     assert again.settings() == method.settings() and again.scaling == 2.0
-    with pytest.raises(AdapterError, match="unknown adapter method 'ia4'; known: lora"):
+    with pytest.raises(AdapterError, match="unknown adapter method 'ia4'; known: bottleneck, ia3, lora, prefix"):
         method_from_json("ia4", "{}")
     with pytest.raises(AdapterError, match="not valid JSON"):
         method_from_json("lora", "{rank: 2")
