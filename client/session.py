@@ -1,13 +1,20 @@
 """An inference session: KV caches held by a chain of peers, fed one step at a time.
 
 Streams open lazily on the first step (when the batch size is known), one per hop of a
-chain chosen for low latency. Each step sends only the new tokens' hidden states; the
-answer of one peer is forwarded to the next without being decoded on the client.
+chain chosen for low latency. Each step sends only the new tokens' hidden states.
+
+With push (`SwarmSettings.push`, on by default, used between peers that say they support
+it), the client sends a step to the first peer only, and each peer sends its output on to
+the next peer itself (peer/push.py): a token costs about one network hop per span instead
+of a client round trip per span. Every peer still answers the client with its output, so
+the client keeps, per hop, the steps that hop ran. Without push, the client forwards each
+peer's answer to the next peer, without decoding it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -22,6 +29,10 @@ from .tuning import TuningPayload
 
 logger = logging.getLogger(__name__)
 
+# While a hop fed by a push is awaited, how often to check that the push did not fail
+# upstream (a failed push is reported on the pushing peer's stream, not the awaited one).
+_PUSH_CHECK_SECONDS = 0.05
+
 
 class SessionError(RuntimeError):
     pass
@@ -35,6 +46,7 @@ class _OpenHop:
     hop: Hop
     stream: InferenceStream
     history: list[swarm_pb2.InferenceStep] = field(default_factory=list)
+    push_failed: bool = False  # one of its pushes failed: from then on the client feeds the next hop
 
 
 class InferenceSession:
@@ -68,6 +80,11 @@ class InferenceSession:
     @property
     def endpoints(self) -> list[str]:
         return [h.hop.endpoint for h in self._hops]
+
+    @property
+    def steps(self) -> int:
+        """Steps sent so far (each peer of the chain ran every one of them)."""
+        return self._step_id
 
     def _open_hop(self, hop: Hop) -> _OpenHop:
         settings = self.swarm.settings
@@ -124,10 +141,21 @@ class InferenceSession:
             step.position_ids.CopyFrom(serialize_tensor(position_ids.long()))
         if hypo_ids is not None:
             step.hypo_ids.CopyFrom(serialize_tensor(hypo_ids.long()))
+        output = self._run(step)
+        self.position += new
+        return deserialize_tensor(output).to(hidden_states.dtype)
+
+    def _run(self, step: swarm_pb2.InferenceStep) -> swarm_pb2.Tensor:
+        """`step` through every hop; the last hop's output. Hops are awaited in chain order;
+        a failed one is rebuilt on other peers and the step goes on there."""
+        inputs = step.hidden_states  # of hop `index`: the answer of the hop before
+        fed = [None] * len(self._hops)  # how each hop gets this step: "client", "push", or None (not yet)
         index, failures = 0, 0
         while index < len(self._hops):
             try:
-                output = self._send(self._hops[index], step)
+                if fed[index] is None:
+                    self._feed(index, step, inputs, fed)
+                answer = self._answer(index, step, inputs, fed)
             except PeerCallError as e:
                 failures += 1
                 if not self.swarm.retry_after(e, failures):
@@ -135,31 +163,71 @@ class InferenceSession:
                 logger.warning("rebuilding blocks [%d, %d) of session %s on other peers",
                                self._hops[index].hop.start, self._hops[index].hop.end, self.session_id)
                 self._replace(index)
+                # The hops after it may have run the step already (the failed hop pushed it
+                # before failing): they drop a second copy, and their answers are waiting.
+                fed = fed[:index] + [None] * (len(self._hops) - index)
                 continue
-            step.hidden_states.CopyFrom(output)
+            self._hops[index].history.append(_as_sent(step, inputs))
+            inputs = answer.hidden_states
             index += 1
-        self.position += new
-        return deserialize_tensor(step.hidden_states).to(hidden_states.dtype)
+        return inputs
 
-    @staticmethod
-    def _send(open_hop: _OpenHop, step: swarm_pb2.InferenceStep) -> swarm_pb2.Tensor:
-        response = open_hop.stream.step(step)
-        sent = swarm_pb2.InferenceStep()
-        sent.CopyFrom(step)  # `step` travels on to the next hop, rewritten
-        open_hop.history.append(sent)
-        return response.hidden_states
+    def _pushes_on(self, index: int) -> bool:
+        """Whether hop `index` is to send its output to the next hop itself."""
+        if not self.swarm.settings.push or index + 1 >= len(self._hops):
+            return False
+        here, there = self._hops[index], self._hops[index + 1]
+        return here.stream.supports_push and not here.push_failed and there.stream.supports_push
+
+    def _feed(self, index: int, step: swarm_pb2.InferenceStep, inputs: swarm_pb2.Tensor, fed: list) -> None:
+        """Sends hop `index` its input for `step`, asking it to push the step on through as
+        many of the next hops as support it."""
+        message = _as_sent(step, inputs)
+        last = index
+        while self._pushes_on(last):
+            last += 1
+            message.push_to.add(endpoint=self._hops[last].hop.endpoint, session_id=self.session_id)
+            fed[last] = "push"
+        self._hops[index].stream.send(message)
+        fed[index] = "client"
+
+    def _answer(self, index: int, step: swarm_pb2.InferenceStep, inputs: swarm_pb2.Tensor,
+                fed: list) -> swarm_pb2.InferenceResponse:
+        """Hop `index`'s answer to `step`. If the hop before was to push the step here and
+        reports that it could not, the client sends it itself (the hop drops a second copy)."""
+        stream = self._hops[index].stream
+        if fed[index] != "push":
+            return stream.answer(step.step_id)
+        upstream = self._hops[index - 1]
+        deadline = time.monotonic() + stream.timeout
+        while True:
+            left = deadline - time.monotonic()
+            answer = stream.answer(step.step_id, wait=min(_PUSH_CHECK_SECONDS, max(left, 0.0)))
+            if answer is not None:
+                return answer
+            problem = upstream.stream.push_problem(step.step_id)
+            if problem is not None:
+                logger.warning("%s; the client sends step %d to %s itself", problem, step.step_id,
+                               self._hops[index].hop.endpoint)
+                upstream.push_failed = True
+                self._feed(index, step, inputs, fed)
+                return stream.answer(step.step_id)
+            if left <= 0:
+                raise stream.timed_out()
 
     def _replace(self, index: int) -> None:
-        """Rebuilds the failed hop's blocks on another chain: replays every step it was sent."""
+        """Rebuilds the failed hop's blocks on another chain: replays every step it was sent,
+        from the client (the hops after it hold those steps already)."""
         failed = self._hops[index]
         failed.stream.close()
         chain = self.swarm.find_chain(failed.hop.start, failed.hop.end)
         replacement = [self._open_hop(hop) for hop in chain]
         for past in failed.history:
-            step = swarm_pb2.InferenceStep()
-            step.CopyFrom(past)
+            inputs = past.hidden_states
             for open_hop in replacement:
-                step.hidden_states.CopyFrom(self._send(open_hop, step))
+                step = _as_sent(past, inputs)
+                inputs = open_hop.stream.step(step).hidden_states
+                open_hop.history.append(step)
         self._hops[index:index + 1] = replacement
 
     def close(self) -> None:
@@ -167,3 +235,12 @@ class InferenceSession:
             self.closed = True
             for open_hop in self._hops:
                 open_hop.stream.close()
+
+
+def _as_sent(step: swarm_pb2.InferenceStep, inputs: swarm_pb2.Tensor) -> swarm_pb2.InferenceStep:
+    """`step` as one hop receives it: `inputs` as its hidden states, no push targets."""
+    sent = swarm_pb2.InferenceStep()
+    sent.CopyFrom(step)
+    sent.ClearField("push_to")
+    sent.hidden_states.CopyFrom(inputs)
+    return sent

@@ -3,7 +3,8 @@
 The client side is synchronous (it runs inside torch modules and transformers' generate
 loop), so it uses grpc's blocking API. A bidirectional Inference stream is driven by a
 queue: each step puts one request and blocks on the next response, one round trip per
-step per peer (~0.2 ms on loopback).
+step per peer (~0.2 ms on loopback). With server-to-server push (peer/push.py) a peer may
+get its steps from the previous peer instead; its answers still come on its own stream.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 import grpc
 
@@ -78,7 +80,8 @@ class InferenceStream:
     """One open Inference stream to one peer: send a step, wait for its answer.
 
     A reader thread moves answers into a queue, so a step can wait with a timeout: a peer
-    that hangs (alive but not answering) is detected like one that died.
+    that hangs (alive but not answering) is detected like one that died. Answers are matched
+    to steps by step id: what is left over from an earlier step (a late push_error) is skipped.
     """
 
     def __init__(self, connection: PeerConnection, open_msg: swarm_pb2.InferenceOpen, timeout: float):
@@ -89,7 +92,8 @@ class InferenceStream:
         self._answers: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._read_answers, daemon=True, name=f"answers-{connection.endpoint}").start()
         self.closed = False
-        self._next()  # the peer answers `open` once the cache is reserved
+        # The peer answers `open` once the cache is reserved, and says whether it takes pushes.
+        self.supports_push = self._next().supports_push
 
     def _read_answers(self) -> None:
         try:
@@ -99,23 +103,61 @@ class InferenceStream:
         except grpc.RpcError as e:
             self._answers.put(PeerCallError(self.connection.endpoint, f"{e.code().name}: {e.details()}", e.code()))
 
-    def _next(self) -> swarm_pb2.InferenceResponse:
+    def _next(self, wait: float | None = None) -> swarm_pb2.InferenceResponse | None:
+        """The next answer. Waits up to `wait` s and returns None; by default up to the
+        stream's timeout, after which the peer counts as failed."""
         try:
-            answer = self._answers.get(timeout=self.timeout)
+            answer = self._answers.get(timeout=self.timeout if wait is None else wait)
         except queue.Empty:
-            self.close()
-            raise PeerCallError(self.connection.endpoint, f"no answer within {self.timeout:g} s",
-                                grpc.StatusCode.DEADLINE_EXCEEDED) from None
+            if wait is not None:
+                return None
+            raise self.timed_out() from None
         if isinstance(answer, PeerCallError):
             self.closed = True
+            self._answers.put(answer)  # the stream is over: every later wait fails the same way
             raise answer
         return answer
 
-    def step(self, step: swarm_pb2.InferenceStep) -> swarm_pb2.InferenceResponse:
+    def timed_out(self) -> PeerCallError:
+        """Closes the stream of a peer that did not answer in time; the error to raise."""
+        self.close()
+        return PeerCallError(self.connection.endpoint, f"no answer within {self.timeout:g} s",
+                             grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    def send(self, step: swarm_pb2.InferenceStep) -> None:
         if self.closed:
             raise PeerCallError(self.connection.endpoint, "inference stream is closed")
         self._requests.put(swarm_pb2.InferenceRequest(step=step))
-        return self._next()
+
+    def answer(self, step_id: int, wait: float | None = None) -> swarm_pb2.InferenceResponse | None:
+        """The answer to step `step_id`, skipping leftovers of earlier steps. Waits up to
+        `wait` s in all and returns None; by default as long as the peer keeps answering
+        within the stream's timeout."""
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            answer = self._next(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if answer is None or (answer.step_id == step_id and not answer.push_error):
+                return answer
+            # Else left over from an earlier step (a late push_error): skipped. A peer answers
+            # a step before it reports that the step's push failed, never after.
+
+    def push_problem(self, step_id: int) -> str | None:
+        """Without waiting: why this peer's push of step `step_id` (answered already) may not
+        have reached the next peer — its push_error, or its stream having failed; else None."""
+        while True:
+            try:
+                answer = self._answers.get_nowait()
+            except queue.Empty:
+                return None
+            if isinstance(answer, PeerCallError):
+                self._answers.put(answer)  # kept for the next wait on this stream, which fails with it
+                return str(answer)
+            if answer.step_id == step_id and answer.push_error:
+                return answer.push_error
+
+    def step(self, step: swarm_pb2.InferenceStep) -> swarm_pb2.InferenceResponse:
+        self.send(step)
+        return self.answer(step.step_id)
 
     def close(self) -> None:
         if not self.closed:

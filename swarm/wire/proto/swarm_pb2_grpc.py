@@ -54,6 +54,11 @@ class BlockServiceStub:
                 request_serializer=swarm__pb2.InfoRequest.SerializeToString,
                 response_deserializer=swarm__pb2.PeerInfo.FromString,
                 _registered_method=True)
+        self.Push = channel.unary_unary(
+                '/swarmlm.BlockService/Push',
+                request_serializer=swarm__pb2.PushRequest.SerializeToString,
+                response_deserializer=swarm__pb2.PushResponse.FromString,
+                _registered_method=True)
 
 
 class BlockServiceServicer:
@@ -83,6 +88,13 @@ class BlockServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Push(self, request, context):
+        """Peer to peer: the output of a step, for the next span of a session (server-to-server push).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BlockServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +117,11 @@ def add_BlockServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=swarm__pb2.InfoRequest.FromString,
                     response_serializer=swarm__pb2.PeerInfo.SerializeToString,
+            ),
+            'Push': grpc.unary_unary_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=swarm__pb2.PushRequest.FromString,
+                    response_serializer=swarm__pb2.PushResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +232,33 @@ class BlockService:
             '/swarmlm.BlockService/Info',
             swarm__pb2.InfoRequest.SerializeToString,
             swarm__pb2.PeerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarmlm.BlockService/Push',
+            swarm__pb2.PushRequest.SerializeToString,
+            swarm__pb2.PushResponse.FromString,
             options,
             channel_credentials,
             insecure,
