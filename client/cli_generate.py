@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
     parser.add_argument("--codec", default="raw", choices=["raw", "float16", "bfloat16", "int8_blockwise"],
                         help="how activations travel between client and peers")
+    parser.add_argument("--full-precision", action="store_true",
+                        help="use only peers that serve unquantized weights, never those started with "
+                        "`swarm peer --quant`; fails naming the blocks only quantized peers serve")
     return parser
 
 
@@ -44,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     from client import AutoDistributedModelForCausalLM, SwarmSettings
 
     peers = [p for item in args.initial_peers for p in item.split(",") if p]
-    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=peers,
-                                                            settings=SwarmSettings(codec=args.codec))
+    settings = SwarmSettings(codec=args.codec, allow_quantized=not args.full_precision)
+    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=peers, settings=settings)
     tokenizer = model.tokenizer
     if args.prompt is None:
         if not args.chat:

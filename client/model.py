@@ -21,7 +21,6 @@ from swarm.loading import load_client_parts
 from swarm.models import ClientParts, get_family
 from swarm.registry import make_model_id
 from swarm.tuning import ExportTarget, LoRA
-from swarm.tuning.lora import DEFAULT_TARGETS
 
 from .remote import RemoteSwarm, SwarmSettings, remote_forward
 from .export import load_adapter, read_tuning_settings, save_adapter
@@ -117,7 +116,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             tuning_mode, peft_config = saved["tuning_mode"], None
             pre_seq_len = saved.get("pre_seq_len", pre_seq_len)
             train_lm_head = saved.get("train_lm_head", train_lm_head)
-        lora = LoRA(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets or DEFAULT_TARGETS)
+        lora = LoRA(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets or family.default_lora_targets)
         modes = resolve_modes(tuning_mode, peft_config, lora)
         if modes:
             tuning = ClientTuning(family, modes, config.hidden_size, pre_seq_len, parts.embed_tokens)

@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import grpc
 import hivemind
 import torch
 
@@ -29,6 +30,8 @@ class SwarmSettings:
     wait_for_peers: float = 5.0  # how long a missing block may take to appear before we give up
     records_ttl: float = 2.0  # reuse DHT records this long before fetching again
     max_failures: int = 3  # peer failures one step survives (each moves to other peers)
+    allow_quantized: bool = True  # False: never route through peers serving quantized weights (--quant)
+    push: bool = True  # inference steps go peer to peer where peers support it (False: via the client)
 
 
 class RemoteSwarm:
@@ -41,7 +44,7 @@ class RemoteSwarm:
         self.model_id, self.num_blocks = model_id, num_blocks
         self.settings = settings or SwarmSettings()
         self.dht = dht or hivemind.DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
-        self.routes = RouteFinder(model_id, num_blocks)
+        self.routes = RouteFinder(model_id, num_blocks, allow_quantized=self.settings.allow_quantized)
         self._records: dict[int, list[PeerRecord]] | None = None
         self._records_time = 0.0
 
@@ -58,12 +61,23 @@ class RemoteSwarm:
         refresh = False
         while True:
             try:
-                return self.routes.find_chain(self.records(refresh=refresh), start, end, randomize)
+                records = self.records(refresh=refresh)
+                self.measure_rtts(records, start, self.num_blocks if end is None else end)
+                return self.routes.find_chain(records, start, end, randomize)
             except MissingBlocksError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
                 refresh = True
+
+    def measure_rtts(self, records: dict[int, list[PeerRecord]], start: int, end: int) -> None:
+        """Pings the peers that could serve part of [start, end) and have no fresh round-trip
+        time, in parallel; a peer that does not answer is avoided like a failed one."""
+        peers = [p for p in self.routes.candidates(records) if start <= p.start and p.end <= end]
+        unreachable = set(self.routes.rtt.measure([p.endpoint for p in peers], ping))
+        for peer in peers:
+            if peer.endpoint in unreachable:
+                self.routes.ban(peer.peer_id)
 
     def ban_endpoint(self, endpoint: str) -> None:
         """Avoid the peer at `endpoint` for a while (it failed)."""
@@ -83,6 +97,23 @@ class RemoteSwarm:
 
     def shutdown(self) -> None:
         self.dht.shutdown()
+
+
+def ping(endpoint: str, timeout: float) -> float:
+    """Seconds for an Info call to the peer at `endpoint`; raises PeerCallError if the peer
+    cannot be reached. One that answers no faster than `timeout` counts as that slow: busy
+    is not dead, and it may be the only peer of its blocks. A first call opens the connection
+    (reused by every later call), so the second measures a round trip without handshakes."""
+    connection = PeerConnection.to(endpoint)
+    try:
+        connection.info(timeout)
+        started = time.perf_counter()
+        connection.info(timeout)
+    except PeerCallError as e:
+        if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return timeout
+        raise
+    return time.perf_counter() - started
 
 
 def _span_inputs(hop: Hop, model_id: str, hidden: swarm_pb2.Tensor, attention_mask: torch.Tensor | None,

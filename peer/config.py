@@ -20,8 +20,8 @@ class PeerLimits:
 @dataclass(frozen=True)
 class PeerConfig:
     model: str
-    start: int
-    end: int
+    start: int = 0  # the span [start, end), unless num_blocks is set
+    end: int = 0
     initial_peers: list[str] = field(default_factory=list)
     host: str = "0.0.0.0"
     port: int = 0
@@ -29,10 +29,13 @@ class PeerConfig:
     public_port: int | None = None  # None: the bound port
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16 | float16, already resolved from "auto"
+    quant: str = "none"  # none | int8 | nf4: how the blocks' Linear weights are stored (swarm.quant)
     cache_tokens: int = 8192
     limits: PeerLimits = field(default_factory=PeerLimits)
     session_timeout: float = 300.0
     announce_period: float = 10.0
+    num_blocks: int | None = None  # set: the peer chooses where to serve this many blocks (start/end ignored)
+    balance_period: float = 60.0  # with num_blocks: seconds between checks whether to move; 0: never move
 
     @property
     def announced_host(self) -> str:
