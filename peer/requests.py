@@ -15,8 +15,10 @@ hands to the runtime; nothing here computes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+from google.protobuf.message import DecodeError, Message
 
 from swarm.blocks import BlockSpan
 from swarm.tuning import AdapterError, AdapterSet, method_from_json
@@ -28,6 +30,7 @@ FLOAT_DTYPES = {name: dtype for name, dtype in DTYPES.items() if dtype.is_floati
 INDEX_DTYPES = (torch.int64, torch.int32)
 MASK_DTYPES = (torch.int64, torch.int32, torch.bool, torch.uint8, torch.int8)
 MAX_ADAPTER_SETS = 8  # methods stacked in one request; each is bounded per block by its own limit
+MAX_SETTINGS_CHARS = 64 * 1024  # an adapter's config_json: settings are a few numbers and names
 
 
 class BadRequest(ValueError):
@@ -36,6 +39,25 @@ class BadRequest(ValueError):
 
 class NotServed(Exception):
     """The request is for a model or span this peer does not serve (FAILED_PRECONDITION)."""
+
+
+class UnparsableRequest(BadRequest):
+    """The request's bytes are not a protobuf message of the RPC's request type."""
+
+
+def request_parser(message_type: type[Message]) -> Callable[[bytes], Message]:
+    """A gRPC request deserializer that raises UnparsableRequest, naming the type and size,
+    on bytes that do not parse (gRPC itself would answer such a request UNKNOWN)."""
+    type_name = message_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Message:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            raise UnparsableRequest(f"the request ({len(data)} bytes) is not a valid {type_name} message: {e}; "
+                                    "build requests with the code generated from protos/swarm.proto") from None
+
+    return parse
 
 
 @dataclass
@@ -247,7 +269,13 @@ class RequestDecoder:
         return [self._adapter_set(msg) for msg in messages]
 
     def _adapter_set(self, msg: swarm_pb2.AdapterTensors) -> AdapterSet:
-        method = method_from_json(msg.method, msg.config_json)
+        if len(msg.config_json) > MAX_SETTINGS_CHARS:
+            raise AdapterError(f"{msg.method} settings are {len(msg.config_json)} characters; at most "
+                               f"{MAX_SETTINGS_CHARS} are allowed")
+        try:
+            method = method_from_json(msg.method, msg.config_json)
+        except RecursionError:  # json's C parser recurses per level: '[[[[...' exhausts the stack
+            raise AdapterError(f"{msg.method} settings nest too deeply to be settings") from None
         span = self.span
         by_block: dict[int, dict[str, torch.Tensor]] = {block: {} for block in range(span.start, span.end)}
         for name, tensor_msg in msg.tensors.items():

@@ -94,15 +94,21 @@ class ComputeRuntime:
             job = self._queue.get()
             if job.fn is None:
                 return
-            assert job.future is not None and job.loop is not None
-            if job.future.cancelled():  # read across threads: at worst we run a job nobody awaits
-                continue
-            try:
-                result = job.fn(*job.args, **job.kwargs)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller, who decides
-                self._deliver(job, _set_exception, e)
-            else:
-                self._deliver(job, _set_result, result)
+            self._run(job)
+            # Let go now, not when the next job arrives: an idle worker must not keep the last
+            # request's tensors (a training batch, a closed session's KV cache) alive.
+            del job
+
+    def _run(self, job: _Job) -> None:
+        assert job.future is not None and job.loop is not None
+        if job.future.cancelled():  # read across threads: at worst we run a job nobody awaits
+            return
+        try:
+            result = job.fn(*job.args, **job.kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, who decides
+            self._deliver(job, _set_exception, e)
+        else:
+            self._deliver(job, _set_result, result)
 
     @staticmethod
     def _deliver(job: _Job, setter: Callable[[asyncio.Future, Any], None], value: Any) -> None:

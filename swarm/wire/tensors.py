@@ -34,6 +34,9 @@ DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.ite
 
 # Nothing we send has more than 4 dims (deep prompts); this keeps odd shapes out of torch.
 MAX_NDIM = 8
+# torch computes strides from every size, also the sizes beside a 0, and fails past int64:
+# an empty tensor of shape (0, 2**62, 2**62) must be refused here, not crash in torch.
+MAX_EXTENT = 2**62
 
 
 class WireError(ValueError):
@@ -78,6 +81,8 @@ def deserialize_tensor(
         raise WireError(f"{field} shape {shape} has {len(shape)} dims; at most {MAX_NDIM} are allowed")
     if any(size < 0 for size in shape):
         raise WireError(f"{field} shape {shape} has a negative size")
+    if math.prod(max(size, 1) for size in shape) > MAX_EXTENT:
+        raise WireError(f"{field} shape {shape} is too large: its sizes (0 counted as 1) multiply to more than 2**62")
     numel = math.prod(shape)
     if max_elements is not None and numel > max_elements:
         raise WireError(f"{field} shape {shape} has {numel} elements; the limit is {max_elements}")

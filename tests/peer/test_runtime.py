@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -129,3 +131,24 @@ def test_shutdown_finishes_queued_work_then_refuses_more():
 
     asyncio.run(main())
     assert ran == [0, 1, 2]
+
+
+def test_an_idle_worker_keeps_nothing_of_the_last_job(runtime):
+    """The job's arguments and result are let go once it is delivered, not when the next job
+    comes: an idle peer must not hold the last request's tensors or a closed session's cache."""
+    class Payload:
+        pass
+
+    async def main():
+        payload = Payload()
+        gone = weakref.ref(payload)
+        result = await runtime.run(Priority.INFERENCE, lambda p: Payload(), payload)
+        result_gone = weakref.ref(result)
+        del payload, result
+        await _wait_until(lambda: gone() is None and result_gone() is None, timeout=2.0)
+
+    gc.disable()  # freed by reference counting, not by a collection that may never come
+    try:
+        asyncio.run(main())
+    finally:
+        gc.enable()

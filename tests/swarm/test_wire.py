@@ -185,6 +185,7 @@ def raw_message(**overrides) -> swarm_pb2.Tensor:
         (dict(shape=[2, -3, -576]), "negative"),
         (dict(shape=[2**31, 2**31]), "needs 18446744073709551616"),
         (dict(shape=[1] * 9), "at most 8"),
+        (dict(shape=[0, 2**62, 2**62], data=b""), "too large"),  # empty, but torch cannot stride it
         (dict(dtype="int64", codec="float16"), "codec 'float16' cannot carry dtype int64"),
     ],
 )
