@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo protos bench clean
+.PHONY: setup test demo protos bench bench-petals clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ protos: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
+
+# Builds Petals 2.2 once in ~/.cache/swarmlm-petals (its own venv; nothing here imports it), runs it
+# on loopback and at 20 ms RTT, and puts its figures beside ours in benchmarks/RESULTS.md.
+bench-petals: setup
+	$(BIN)/python benchmarks/run_all.py --petals
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,6 +4,9 @@ locally by transformers (peft for LoRA), for each tuning mode. Prints one JSON l
     python benchmarks/finetune.py [--steps 5] [--batch 4] [--seq 64] [--modes none,ptune,deep_ptune,lora]
 
 A step is forward + backward + Adam update; the median of `--steps` after one warm-up.
+"ratio" is local time / swarm time (the swarm's speed as a share of local's). The modes are
+the client's tuning modes (client/tuning.py TUNING_MODES) plus "none" (the client's own
+embeddings and norm train); a mode that fails is reported with its error.
 """
 
 from __future__ import annotations
@@ -103,10 +106,14 @@ def main() -> None:
     results = {}
     with LocalSwarm(["0:10", "10:20", "20:30"]) as swarm:
         for mode in args.modes.split(","):
-            local_s = timed_steps(local_step(folder, mode, ids), args.steps)
-            step, model = swarm_step(swarm.initial_peers, mode, ids)
-            swarm_s = timed_steps(step, args.steps)
-            model.swarm.shutdown()
+            try:
+                local_s = timed_steps(local_step(folder, mode, ids), args.steps)
+                step, model = swarm_step(swarm.initial_peers, mode, ids)
+                swarm_s = timed_steps(step, args.steps)
+                model.swarm.shutdown()
+            except Exception as e:  # one broken mode is reported; the others still run
+                results[mode] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                continue
             results[mode] = {"local_s": round(local_s, 3), "swarm_s": round(swarm_s, 3),
                              "ratio": round(local_s / swarm_s, 3)}
     print(json.dumps({"benchmark": "finetune", "model": DEFAULT_MODEL, "peers": 3, "batch": args.batch,

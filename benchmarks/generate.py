@@ -1,7 +1,10 @@
 """Decode speed: local transformers generate vs the same generation through 3 peers on
 loopback (greedy, 64 new tokens, median of 5 runs after a warm-up). Prints one JSON line.
 
-    python benchmarks/generate.py [--new-tokens 64] [--runs 5] [--codec raw] [--batch 1]
+    python benchmarks/generate.py [--new-tokens 64] [--runs 5] [--codec raw] [--batch 1] [--no-push]
+
+--no-push relays every step through the client (one round trip per peer) instead of letting
+each peer push its output to the next (server-to-server push, the default).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--codec", default="raw")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--no-push", action="store_true", help="relay each step through the client")
     args = parser.parse_args()
 
     checkpoint = resolve_checkpoint(DEFAULT_MODEL)
@@ -48,7 +52,8 @@ def main() -> None:
     default_threads = torch.get_num_threads()
     with LocalSwarm(["0:10", "10:20", "20:30"]) as swarm:
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            DEFAULT_MODEL, initial_peers=swarm.initial_peers, settings=SwarmSettings(codec=args.codec))
+            DEFAULT_MODEL, initial_peers=swarm.initial_peers,
+            settings=SwarmSettings(codec=args.codec, push=not args.no_push))
         inputs = model.tokenizer([PROMPT] * args.batch, return_tensors="pt")
         local_by_threads = {}
         for threads in sorted({1, default_threads}):
@@ -62,6 +67,7 @@ def main() -> None:
         model.swarm.shutdown()
     print(json.dumps({
         "benchmark": "generate", "model": DEFAULT_MODEL, "peers": 3, "batch": args.batch, "codec": args.codec,
+        "push": not args.no_push,
         "new_tokens": args.new_tokens, "local_tok_s": round(local_tps, 2),
         "local_tok_s_by_threads": {k: round(v, 2) for k, v in local_by_threads.items()}, "swarm_tok_s": round(swarm_tps, 2),
         "ratio": round(swarm_tps / local_tps, 3), "greedy_identical": bool(torch.equal(local_out, swarm_out)),

@@ -1,8 +1,17 @@
-"""Measure each wire codec: encode + decode time and bytes on the wire; prints one JSON line.
+"""Measure each wire codec: encode + decode time and bytes on the wire, alone and in a swarm;
+prints one JSON line.
 
-Times include building and parsing the protobuf message (serialize_tensor + SerializeToString,
-FromString + deserialize_tensor), i.e. what one hop costs on each side, CPU only.
-Usage: python benchmarks/wire_codecs.py [--repeats N] [--threads T]
+"results": one tensor message per shape and codec. Times include building and parsing the
+protobuf message (serialize_tensor + SerializeToString, FromString + deserialize_tensor), i.e.
+what one hop costs on each side, CPU only.
+
+"swarm": 3 peers on loopback, each behind a counting proxy (delay_proxy.py at 0 ms), greedy
+generation of --prompts prompts x --new-tokens tokens with each codec. Bytes per token per hop
+are what crossed the proxies during each decode step (both directions, gRPC framing included),
+divided by the hops; agreement is the share of generated positions where a codec's token
+equals the raw (fp32) codec's, and how many prompts gave exactly the same tokens.
+
+Usage: python benchmarks/wire_codecs.py [--repeats N] [--threads T] [--prompts 5] [--new-tokens 64] [--no-swarm]
 
 --threads sets torch's intra-op threads (default 1). On a busy 2-core box, torch's parallel
 kernels (ops over >= 32k elements) stall for whole scheduler slices (8-16 ms) when another
@@ -14,13 +23,25 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 
 import torch
+from transformers import StoppingCriteriaList
 
 from swarm.wire import CODECS, deserialize_tensor, serialize_tensor, swarm_pb2
 
 SHAPES = [(1, 1, 576), (1, 512, 576), (1, 1, 8192)]
+SPANS = ["0:10", "10:20", "20:30"]
+PROMPTS = [
+    "Write a short story about a fox who learns to fly.",
+    "Explain why the sky is blue to a ten-year-old.",
+    "List three uses of a paperclip.",
+    "What is the capital of France, and what is it known for?",
+    "Translate 'good morning, how are you?' into Spanish.",
+    "Give me a recipe for pancakes.",
+    "Describe the water cycle in two sentences.",
+]
 
 
 def _median_us(fn, repeats: int) -> float:
@@ -48,11 +69,48 @@ def measure(shape: tuple[int, ...], codec: str, repeats: int) -> dict:
     }
 
 
+def measure_swarm(prompts: int, new_tokens: int) -> dict:
+    # Imported here: the message-level part above runs without the client or any process.
+    from client import AutoDistributedModelForCausalLM, SwarmSettings
+    from swarm.checkpoint import DEFAULT_MODEL
+
+    from proxied_swarm import ProxiedSwarm
+    from step_clock import StepClock
+
+    tokens, per_codec = {}, {}
+    with ProxiedSwarm(SPANS, delay_ms=0) as swarm:
+        for codec in CODECS:
+            model = AutoDistributedModelForCausalLM.from_pretrained(
+                DEFAULT_MODEL, initial_peers=swarm.initial_peers, settings=SwarmSettings(codec=codec))
+            step_bytes, outs = [], []
+            for prompt in PROMPTS[:prompts]:
+                ids = model.tokenizer(prompt, return_tensors="pt").input_ids
+                clock = StepClock(probe=swarm.proxy.total_bytes)
+                out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                     stopping_criteria=StoppingCriteriaList([clock]))
+                step_bytes += clock.step_probes()
+                outs.append(out[0, ids.shape[1]:])
+            model.swarm.shutdown()
+            tokens[codec] = outs
+            per_codec[codec] = {"bytes_per_token_per_hop": round(statistics.median(step_bytes) / len(SPANS), 1)}
+    for codec, outs in tokens.items():
+        same = [(a == b).float().mean().item() for a, b in zip(outs, tokens["raw"])]
+        per_codec[codec]["greedy_agreement_vs_raw"] = round(statistics.mean(same), 4)
+        per_codec[codec]["prompts_identical"] = f"{sum(s == 1.0 for s in same)}/{len(same)}"
+    return {"model": DEFAULT_MODEL, "peers": len(SPANS), "prompts": prompts, "new_tokens": new_tokens,
+            "codecs": per_codec}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--prompts", type=int, default=5, help=f"prompts generated per codec (at most {len(PROMPTS)})")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--no-swarm", action="store_true", help="only the message-level figures")
     args = parser.parse_args()
+    if not 1 <= args.prompts <= len(PROMPTS):
+        parser.error(f"--prompts must be in 1..{len(PROMPTS)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = [measure(shape, codec, args.repeats) for shape in SHAPES for codec in CODECS]
@@ -62,6 +120,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "results": results,
+        **({} if args.no_swarm else {"swarm": measure_swarm(args.prompts, args.new_tokens)}),
     }))
 
 

@@ -1,5 +1,5 @@
 """client.routing: chain choice over fake records and fake round-trip times; RTT measurement
-with a fake ping (real peers: tests/integration/test_placement.py)."""
+with a fake ping (real peers: tests/integration/test_swarm_placement.py)."""
 
 from __future__ import annotations
 

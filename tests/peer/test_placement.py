@@ -1,6 +1,6 @@
 """peer.placement decisions over fake records, and peer.balancer's protocol run by several
 peers at once against an in-memory stand-in for the DHT (the real one: tests/integration/
-test_placement.py)."""
+test_swarm_placement.py)."""
 
 from __future__ import annotations
 

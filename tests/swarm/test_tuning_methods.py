@@ -4,7 +4,7 @@ bottleneck adapters, a reference built from plain modules and hooks), a prefix g
 as PEFT's does, exported files load into PEFT / a plain model with the same logits, Adam
 halves the loss in 30 steps, and bad tensors or settings are refused clearly.
 
-The real model through real peers is tests/integration/test_tuning_methods.py."""
+The real model through real peers is tests/integration/test_swarm_tuning_methods.py."""
 
 from __future__ import annotations
 
@@ -345,7 +345,7 @@ def test_bottleneck_files_load_into_a_plain_model(tiny, spans, family, tmp_path)
 ], ids=["ia3", "prefix", "prefix-mlp", "pfeiffer", "houlsby", "lora+ia3"])
 def test_30_adam_steps_halve_the_loss(tiny, spans, family, methods, lr):
     """The spans are what peers run, differentiable in-process here: through real peers the
-    same step gives the same gradients (tests/integration/test_tuning_methods.py)."""
+    same step gives the same gradients (tests/integration/test_swarm_tuning_methods.py)."""
     torch.manual_seed(0)
     adapters = [ClientAdapter(method, family) for method in methods]
     optimizer = torch.optim.Adam([p for a in adapters for p in a.parameters()], lr=lr)
