@@ -118,10 +118,12 @@ def swarm_procs(dht_maddr: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         procs.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def swarm():
     """The default model split over three peer processes, [0, 10), [10, 20), [20, 30), joined
-    through a DHT of their own; one per test module, stopped with everything it started."""
+    through a DHT of their own; started once for the whole run (peer start-up is most of an
+    integration module's time on two cores) and stopped with everything it started. Tests using
+    it must leave it as they found it: close their sessions, never stop or pause its peers."""
     from client.local_swarm import LocalSwarm
     from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 
