@@ -1,0 +1,160 @@
+"""Renders benchmark results (the JSON lines the scripts print, as collected by run_all.py)
+as benchmarks/RESULTS.md: the machine, date and commit, a headline table, Petals 2.2 side by
+side when its figures exist, then one section per benchmark.
+
+Each benchmark's JSON is laid out without knowing the script: plain values go to a
+"figure | value" table (nested keys joined with dots); a list of objects, or an object whose
+values are all objects (one per mode, codec, peer...), becomes a table of its own.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# (benchmark id, path in its JSON, label): the figures a reader looks for first.
+HEADLINE = [
+    ("generate_b1", "ratio", "decode tok/s, swarm (3 peers, loopback) / local, batch 1"),
+    ("generate_b8", "ratio", "decode tok/s, swarm / local, batch 8"),
+    ("prefill", "prefill_ratio", "prefill of 512 tokens, local time / swarm time"),
+    ("finetune", "train_step.none.ratio", "training step (batch 4 x 64), local time / swarm time, no tuning mode"),
+    ("finetune", "train_step.lora.ratio", "training step, local time / swarm time, LoRA"),
+    ("wan", "modes.push_off.of_limit", "decode at 20 ms RTT, share of the latency limit, push off"),
+    ("wan", "modes.push_on.of_limit", "decode at 20 ms RTT, share of the latency limit, push on"),
+    ("peer_rss", "max_net_rss_over_held", "peer RSS net of imports / (weights + cache), worst peer (target 1.3)"),
+    ("slice70b", "codecs.bfloat16.ms_per_token_per_hop", "70B-width slice: ms per token per hop (bf16 wire)"),
+]
+
+
+def lookup(obj: Any, path: str) -> Any:
+    for key in path.split("."):
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        text = f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+    elif isinstance(value, (list, dict)):
+        text = json.dumps(value)
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _flatten(obj: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in obj.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _rows_table(rows: list[dict]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    return table(columns, [[row.get(c) for c in columns] for row in rows])
+
+
+def _walk(obj: dict, prefix: str, scalars: list, tables: list) -> None:
+    for key, value in obj.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            tables.append((path, [{"": name, **_flatten(inner)} for name, inner in value.items()]))
+        elif isinstance(value, dict) and value:
+            _walk(value, f"{path}.", scalars, tables)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            tables.append((path, [_flatten(v) for v in value]))
+        else:
+            scalars.append((path, value))
+
+
+def render_result(result: dict) -> str:
+    scalars, tables = [], []
+    _walk({k: v for k, v in result.items() if k != "benchmark"}, "", scalars, tables)
+    parts = [table(["figure", "value"], scalars)] if scalars else []
+    parts += [f"`{title}`:\n\n{_rows_table(rows)}" for title, rows in tables]
+    return "\n\n".join(parts)
+
+
+def _petals_rows(ours: dict[str, dict], petals: dict) -> list[list[Any]]:
+    loop, wan = petals.get("loopback") or {}, petals.get("wan_20ms") or {}
+    gen, tune, ours_wan = ours.get("generate_b1") or {}, ours.get("finetune") or {}, ours.get("wan") or {}
+    wan_ours = lookup(ours_wan, "modes.push_off.wan_tok_s")
+    wan_push = lookup(ours_wan, "modes.push_on.wan_tok_s")
+    return [
+        ["decode tok/s, 3 peers, loopback, batch 1", gen.get("swarm_tok_s"), loop.get("swarm_tok_s")],
+        ["local transformers tok/s, same run", gen.get("local_tok_s"), loop.get("local_tok_s")],
+        ["swarm / local", gen.get("ratio"), loop.get("ratio")],
+        ["greedy tokens vs local (ours: all identical; Petals: agreement)", gen.get("greedy_identical"),
+         loop.get("greedy_agreement")],
+        ["decode tok/s at 20 ms RTT (push off)", wan_ours, wan.get("swarm_tok_s")],
+        ["decode tok/s at 20 ms RTT (push on)", wan_push, None],
+        ["ptune training step s (batch 4 x 64), loopback", lookup(tune, "train_step.ptune.swarm_s"),
+         lookup(loop, "train_step_s.ptune")],
+        ["deep_ptune training step s, loopback", lookup(tune, "train_step.deep_ptune.swarm_s"),
+         lookup(loop, "train_step_s.deep_ptune")],
+        ["local ptune step s, same run", lookup(tune, "train_step.ptune.local_s"),
+         lookup(loop, "train_step_s.local_ptune")],
+        ["ptune training step s at 20 ms RTT", None, lookup(wan, "train_step_s.ptune")],
+    ]
+
+
+def render(results: dict, petals: dict | None = None) -> str:
+    """`results`: what run_all.py stores (machine, date, commit, note, runs by id)."""
+    machine = results.get("machine", {})
+    runs: dict[str, dict] = results.get("runs", {})
+    ok = {name: run["result"] for name, run in runs.items() if run.get("ok")}
+    out = [
+        "# Benchmark results",
+        "",
+        "Written by `benchmarks/run_all.py` (`make bench`; Petals side by side: `make bench-petals`). "
+        "Each benchmark is its own script printing one JSON line; the raw lines are in `benchmarks/results.json`.",
+        "",
+        table(["", ""], [
+            ["date (UTC)", results.get("date")], ["commit", results.get("commit")],
+            ["CPU", f"{machine.get('cpu')} ({machine.get('cores')} cores)"], ["RAM", machine.get("ram")],
+            ["GPU", machine.get("gpu")], ["Python / torch", machine.get("software")],
+            ["load average at start / end", results.get("load")],
+        ]),
+    ]
+    if results.get("note"):
+        out += ["", f"**Note:** {results['note']}"]
+    headline = [[label, lookup(ok.get(bench), path)] for bench, path, label in HEADLINE
+                if lookup(ok.get(bench), path) is not None]
+    if headline:
+        out += ["", "## Headline", "", table(["figure", "value"], headline)]
+    if petals:
+        out += ["", "## Side by side with Petals 2.2", "",
+                f"Petals 2.2.0.post1 (transformers 4.34) on the same machine and model (fp32, 3 servers x 10 blocks), "
+                f"run {petals.get('date', '?')} by `/work/shared/anchors/petals/run.sh` (20 ms RTT: `DELAY_MS=10`), "
+                "its client on one thread like ours (`CLIENT_THREADS=1`). "
+                "Decode tok/s: 64 tokens over total time for both systems at loopback; at 20 ms RTT ours is "
+                "`wan.py`'s decode steps (prefill excluded). Training: median step after warm-up.", "",
+                table(["figure", "swarmlm", "Petals 2.2"], _petals_rows(ok, petals))]
+        errors = [f"- Petals {k}: {v['error']}" for k, v in petals.items() if isinstance(v, dict) and "error" in v]
+        out += ["", *errors] if errors else []
+    for name, run in runs.items():
+        out += ["", f"## {run.get('title', name)}", "", f"`{run.get('command')}` ({cell(run.get('seconds'))} s)", ""]
+        if run.get("ok"):
+            out.append(render_result(run["result"]))
+        else:
+            out.append(f"**Failed:** {cell(run.get('error'))}")
+            if run.get("stderr_tail"):
+                out += ["", "```", run["stderr_tail"].rstrip(), "```"]
+    return "\n".join(out) + "\n"
