@@ -49,7 +49,8 @@ class MissingBlocksError(RuntimeError):
         self.missing = missing
         super().__init__(
             f"no peer serves blocks {format_blocks(missing)} of {model_id} ({num_blocks} blocks); "
-            "start a peer for them with `swarm peer --blocks START:END`, or check `swarm status`" + hint
+            "start a peer for them with `swarm peer --blocks START:END` (or `--num-blocks N`, which fills "
+            "gaps first), or check `swarm status`" + hint
         )
 
 

@@ -1,8 +1,10 @@
 """The peer: serves a span of a model's blocks to the swarm over gRPC.
 
-Layers, each calling only downward: `cli` -> `server` (DHT, gRPC server, announcements)
--> `service` (BlockService: decode, compute, encode) -> `runtime` (the compute thread) and
-`memory` (the KV-cache budget) -> `swarm` (blocks, wire, registry).
+Layers, each calling only downward: `cli` -> `server` (DHT, gRPC server, announcements;
+`placement` and `balancer` choose and move the span for --num-blocks, `span_switch` keeps the
+port while it moves) -> `service` (BlockService: decode, compute, encode; `push` forwards decode
+steps to the next peer) -> `runtime` (the compute thread) and `memory` (the KV-cache budget)
+-> `swarm` (blocks, wire, registry, quant).
 """
 
 from .config import PeerConfig, PeerLimits
