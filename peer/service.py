@@ -188,6 +188,10 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
         # must not overlap another request's compute.
         state = await self.runtime.run(Priority.INFERENCE, self.span.start_inference, opened.batch_size,
                                        opened.max_length, opened.deep_prompts, opened.adapters)
+        if state.prefix_length:  # prefix keys/values sit in the cache ahead of the prompt: they count too
+            self.budget.release(session.reservation)
+            session.reservation = self.budget.reserve(opened.session_id, opened.batch_size,
+                                                      opened.max_length + state.prefix_length)
         session.opened, session.state = opened, state
         session.inbox = self.pushes.open_inbox(opened.session_id)
         await context.write(swarm_pb2.InferenceResponse(step_id=0, position=0, supports_push=True))

@@ -22,6 +22,7 @@ from peer.runtime import ComputeRuntime
 from peer.service import BlockService, ServedModel
 from swarm.checkpoint import resolve_checkpoint
 from swarm.loading import load_span
+from swarm.tuning.prefix import PrefixTuning
 from swarm.wire import deserialize_tensor, serialize_tensor, swarm_pb2, swarm_pb2_grpc
 from tests.peer.rpc_helpers import (
     SessionStream,
@@ -322,6 +323,19 @@ def test_session_over_budget_is_resource_exhausted(peer):
             in error.details()
     finally:
         small.close()
+
+
+def test_prefix_tokens_count_against_the_cache_budget(peer, span):
+    """A prefix-tuning session holds its virtual tokens' keys/values beside the prompt's."""
+    method = PrefixTuning(num_virtual_tokens=8)
+    tensors = {f"{span.start + i}.{name}": torch.zeros(shape)
+               for i, layer in enumerate(span.layers) for name, shape in method.tensor_shapes(layer).items()}
+    prefix = pb.AdapterTensors(method=method.name, config_json=method.to_json(),
+                               tensors={name: serialize_tensor(t) for name, t in tensors.items()})
+    with SessionStream(peer.stub) as stream:
+        stream.send(open_request(MODEL_ID, START, END, batch_size=2, max_length=32, adapters=[prefix]))
+        assert info(peer).cache_tokens_free == 4096 - 2 * (32 + 8)
+    wait_for_free_tokens(peer, 4096)
 
 
 # --- ending sessions ------------------------------------------------------------------------
