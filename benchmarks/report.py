@@ -150,7 +150,9 @@ def render(results: dict, petals: dict | None = None) -> str:
         errors = [f"- Petals {k}: {v['error']}" for k, v in petals.items() if isinstance(v, dict) and "error" in v]
         out += ["", *errors] if errors else []
     for name, run in runs.items():
-        out += ["", f"## {run.get('title', name)}", "", f"`{run.get('command')}` ({cell(run.get('seconds'))} s)", ""]
+        load = f", load average {cell(run['load_at_start'])} at start" if "load_at_start" in run else ""
+        out += ["", f"## {run.get('title', name)}", "",
+                f"`{run.get('command')}` ({cell(run.get('seconds'))} s{load})", ""]
         if run.get("ok"):
             out.append(render_result(run["result"]))
         else:

@@ -102,6 +102,7 @@ def run_one(bench: Benchmark, quick: bool) -> dict:
     record = {"title": bench.title, "command": command}
     if not (HERE / bench.script).exists():
         return {**record, "ok": False, "seconds": 0, "error": f"benchmarks/{bench.script} does not exist (yet)"}
+    record["load_at_start"] = round(os.getloadavg()[0], 1)  # what else the machine was doing
     started = time.perf_counter()
     done = run_bounded([sys.executable, str(HERE / bench.script), *args], bench.timeout, cwd=str(ROOT))
     record["seconds"] = round(time.perf_counter() - started, 1)
