@@ -55,7 +55,8 @@ from .config import PeerConfig
 from .memory import CacheBudget, bytes_per_token
 from .runtime import ComputeRuntime
 from .placement import departed
-from .service import BlockService, ServedModel, add_to_server
+from .registration import add_to_server
+from .service import BlockService, ServedModel
 from .span_switch import SpanSwitch
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ import torch
 from peer.config import PeerLimits
 from peer.memory import CacheBudget
 from peer.runtime import ComputeRuntime
-from peer.service import BlockService, ServedModel, add_to_server
+from peer.registration import add_to_server
+from peer.service import BlockService, ServedModel
 from peer.span_switch import SpanSwitch
 from swarm.checkpoint import resolve_checkpoint
 from swarm.loading import load_span
