@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--repetition-penalty", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
-    parser.add_argument("--codec", default="raw", choices=["raw", "float16", "bfloat16", "int8_blockwise"],
-                        help="how activations travel between client and peers")
+    parser.add_argument("--codec", default="raw", choices=["raw", "float16", "bfloat16", "int8", "int8_blockwise"],
+                        help="how activations travel between client and peers: raw is exact; float16 halves the "
+                        "bytes; int8 (one byte a value, a token's few huge features sent exactly) quarters them")
     parser.add_argument("--full-precision", action="store_true",
                         help="use only peers that serve unquantized weights, never those started with "
                         "`swarm peer --quant`; fails naming the blocks only quantized peers serve")

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 class SwarmSettings:
     """How the client talks to peers."""
 
-    codec: str = "raw"  # activations on the wire: raw | float16 | bfloat16 | int8_blockwise
+    codec: str = "raw"  # activations on the wire: raw | float16 | bfloat16 | int8 | int8_blockwise
     request_timeout: float = 60.0  # a peer silent this long (per request or inference step) counts as failed
     wait_for_peers: float = 5.0  # how long a missing block may take to appear before we give up
     records_ttl: float = 2.0  # reuse DHT records this long before fetching again

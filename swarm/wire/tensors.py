@@ -88,7 +88,7 @@ def deserialize_tensor(
         raise WireError(f"{field} shape {shape} has {numel} elements; the limit is {max_elements}")
 
     data = msg.data  # upb hands out the same bytes object each time; read it once anyway
-    expected = codec.encoded_nbytes(numel, dtype)
+    expected = codec.encoded_nbytes(shape, dtype)
     if len(data) != expected:
         raise WireError(
             f"{field} data is {len(data)} bytes but shape {shape} {msg.dtype} {codec.name} needs {expected}"

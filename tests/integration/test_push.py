@@ -189,3 +189,25 @@ def test_peer_pushes_on_drops_a_second_copy_and_reports_a_failed_push(swarm):
     assert rpc_error(second.stub.Push, unknown, timeout=10).code() == grpc.StatusCode.NOT_FOUND
     info = second.info()
     assert "push" in info.capabilities and info.pushes_received >= 2
+
+
+@pytest.mark.parametrize("codec, atol", [("float16", 0.05), ("int8", 0.5)])
+def test_lossy_codecs_through_push_stay_close_to_local(model, local, codec, atol):
+    """Every hop of a pushed step (client -> peer -> peer -> peer -> client) carries the codec:
+    logits stay within the codec's error of local fp32, and each peer reports it was sent them."""
+    ids = model.tokenizer("The best way to learn a language is to", return_tensors="pt")["input_ids"]
+    model.swarm.settings.codec = codec
+    try:
+        with torch.no_grad(), model.inference_session(max_length=32) as session:
+            prefill = model.client.logits(session.step(model.client.embed(ids[:, :-1])))
+            step = model.client.logits(session.step(model.client.embed(ids[:, -1:])))
+            pushed = pushed_in(session.endpoints, session.session_id)
+    finally:
+        model.swarm.settings.codec = "raw"
+    with torch.no_grad():
+        theirs = local(ids).logits
+    ours = torch.cat([prefill, step], dim=1)
+    error = (ours - theirs).abs().max().item()
+    assert 0 < error < atol, f"{codec}: max logit error {error}"
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.9
+    assert pushed == [0, 2, 2]

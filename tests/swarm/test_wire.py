@@ -57,8 +57,23 @@ def test_float_round_trip(codec: str, dtype: torch.dtype) -> None:
         assert torch.equal(y, x.to(wire_dtype).to(dtype))
         rtol = 2 * max(torch.finfo(wire_dtype).eps, torch.finfo(dtype).eps)
         torch.testing.assert_close(y, x, rtol=rtol, atol=0)
+    elif codec == "int8":
+        assert_row_int8_error_bounded(y, x)
     else:
         assert_int8_error_bounded(y, x)
+
+
+def assert_row_int8_error_bounded(decoded: torch.Tensor, original: torch.Tensor, outliers: int = 2) -> None:
+    """The row's `outliers` largest magnitudes come back exactly (up to the output dtype); every
+    other value is within half a step of the rest of its row's absmax."""
+    x = original.float().reshape(-1, original.shape[-1])
+    err = (decoded.float().reshape(x.shape) - x).abs()
+    magnitude = x.abs().sort(dim=1, descending=True).values
+    output_rounding = x.abs() * torch.finfo(decoded.dtype).eps
+    top = x.abs() >= magnitude[:, outliers - 1 : outliers]
+    assert bool((err[top] <= output_rounding[top]).all())
+    bound = magnitude[:, outliers : outliers + 1] / 254
+    assert bool((err <= bound * 1.001 + output_rounding + 1e-12).all()), float((err - bound).max())
 
 
 @pytest.mark.parametrize("codec", ALL_CODECS)
@@ -66,8 +81,9 @@ def test_encoded_size(codec: str) -> None:
     x = activations()
     msg = serialize_tensor(x, codec)
     expected = {"raw": 4 * x.numel(), "float16": 2 * x.numel(), "bfloat16": 2 * x.numel(),
-                "int8_blockwise": x.numel() + 4 * -(-x.numel() // BLOCK_SIZE)}[codec]
-    assert len(msg.data) == expected == get_codec(codec).encoded_nbytes(x.numel(), x.dtype)
+                "int8_blockwise": x.numel() + 4 * -(-x.numel() // BLOCK_SIZE),
+                "int8": 15 * (4 + 2 * (4 + 2) + 130)}[codec]  # rows of 130: 2 outliers each
+    assert len(msg.data) == expected == get_codec(codec).encoded_nbytes(x.shape, x.dtype)
     assert (msg.dtype, list(msg.shape), msg.codec) == ("float32", [3, 5, 130], codec)
 
 
@@ -84,6 +100,40 @@ def test_int8_relative_error_is_small() -> None:
     x = activations((1, 512, 576))
     y = over_the_wire(x, "int8_blockwise")
     assert ((y - x).norm() / x.norm()).item() < 0.01
+
+
+def test_row_int8_sends_outliers_exactly() -> None:
+    # A hidden state with a few huge features, as real ones have: the bulk keeps its precision.
+    x = activations((2, 4, 576))
+    x[..., 17] = 495.25
+    x[..., 300] = -120.5
+    y = over_the_wire(x, "int8")
+    assert torch.equal(y[..., [17, 300]], x[..., [17, 300]])
+    assert_row_int8_error_bounded(y, x, outliers=8)
+    assert ((y - x).norm() / x.norm()).item() < 0.001
+    assert len(serialize_tensor(x[:1, :1], "int8").data) == 576 + 4 + 8 * 6
+
+
+@pytest.mark.parametrize("length, outliers, index_bytes", [(8, 0, 2), (64, 1, 2), (70000, 8, 4)])
+def test_row_int8_layout_follows_row_length(length: int, outliers: int, index_bytes: int) -> None:
+    x = activations((2, length))
+    x[:, length // 3] = 1e4
+    y = over_the_wire(x, "int8")
+    assert len(serialize_tensor(x, "int8").data) == 2 * (4 + outliers * (4 + index_bytes) + length)
+    if outliers:
+        assert torch.equal(y[:, length // 3], x[:, length // 3])
+        assert_row_int8_error_bounded(y, x, outliers=outliers)
+    else:
+        assert ((y - x).abs() <= 1e4 / 254 * 1.001).all()
+
+
+def test_row_int8_refuses_out_of_range_outlier_index() -> None:
+    msg = serialize_tensor(activations((1, 1, 576)), "int8")
+    data = bytearray(msg.data)
+    data[4 + 8 * 4 : 4 + 8 * 4 + 2] = (600).to_bytes(2, "little")  # first index: past the 576-long row
+    msg.data = bytes(data)
+    with pytest.raises(ValueError, match="outlier index out of range"):
+        deserialize_tensor(msg)
 
 
 def test_float16_saturates_instead_of_overflowing() -> None:
@@ -179,7 +229,7 @@ def raw_message(**overrides) -> swarm_pb2.Tensor:
     [
         (dict(data=b"\0" * 1000), "tensor data is 1000 bytes but shape (2, 3, 576) float32 raw needs 13824"),
         (dict(codec="int8_blockwise"), "int8_blockwise needs 3672"),
-        (dict(codec="zstd"), "codec 'zstd' is not one of: raw, float16, bfloat16, int8_blockwise"),
+        (dict(codec="zstd"), "codec 'zstd' is not one of: raw, float16, bfloat16, int8_blockwise, int8"),
         (dict(dtype="float64"), "dtype 'float64' is not one of"),
         (dict(dtype=""), "dtype '' is not one of"),
         (dict(shape=[2, -3, -576]), "negative"),
@@ -225,7 +275,7 @@ def test_serialize_rejects_unknown_codec_and_dtype() -> None:
 
 def test_get_codec() -> None:
     assert get_codec("int8_blockwise").name == "int8_blockwise"
-    with pytest.raises(ValueError, match="valid codecs: bfloat16, float16, int8_blockwise, raw"):
+    with pytest.raises(ValueError, match="valid codecs: bfloat16, float16, int8, int8_blockwise, raw"):
         get_codec("gzip")
 
 
