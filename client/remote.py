@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -139,6 +140,11 @@ class _Call:
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
     tuning: TuningPayload
+    backward_follows: bool = False  # ask each peer to keep its forward graph for our Backward
+
+    def forward_request(self, inputs: swarm_pb2.SpanInputs) -> swarm_pb2.ForwardRequest:
+        # A fresh random id per hop and pass: a Backward names it to use the peer's kept graph.
+        return swarm_pb2.ForwardRequest(inputs=inputs, backward_id=uuid.uuid4().hex if self.backward_follows else "")
 
     def inputs(self, hop: Hop, hidden: swarm_pb2.Tensor) -> swarm_pb2.SpanInputs:
         return _span_inputs(hop, self.swarm.model_id, hidden, self.attention_mask, self.position_ids, self.tuning,
@@ -149,24 +155,24 @@ class _Call:
 
 
 def _forward_range(call: _Call, start: int, end: int, hidden: swarm_pb2.Tensor, chain: list[Hop] | None = None,
-                   failures: int = 0) -> tuple[swarm_pb2.Tensor, list[tuple[str, swarm_pb2.SpanInputs]]]:
+                   failures: int = 0) -> tuple[swarm_pb2.Tensor, list[tuple[str, swarm_pb2.ForwardRequest]]]:
     """Blocks [start, end) on a chain of peers; a failed hop is redone on other peers.
     Returns the output and the requests that succeeded with their peers (what Backward
-    will send again)."""
+    will send again, naming the graph each peer kept)."""
     chain = call.swarm.find_chain(start, end, randomize=True) if chain is None else chain
     sent = []
     for hop in chain:
-        inputs = call.inputs(hop, hidden)
+        request = call.forward_request(call.inputs(hop, hidden))
         try:
-            hidden = PeerConnection.to(hop.endpoint).forward(
-                swarm_pb2.ForwardRequest(inputs=inputs), call.swarm.settings.request_timeout).hidden_states
+            hidden = PeerConnection.to(hop.endpoint).forward(request, call.swarm.settings.request_timeout).hidden_states
         except PeerCallError as e:
             if call.give_up(e, failures + 1):
                 raise
-            hidden, redone = _forward_range(call, hop.start, hop.end, inputs.hidden_states, failures=failures + 1)
+            hidden, redone = _forward_range(call, hop.start, hop.end, request.inputs.hidden_states,
+                                            failures=failures + 1)
             sent += redone
             continue
-        sent.append((hop.endpoint, inputs))
+        sent.append((hop.endpoint, request))
     return hidden, sent
 
 
@@ -192,14 +198,16 @@ class _GradSink:
         return flat
 
 
-def _backward_requests(call: _Call, sent: list[tuple[str, swarm_pb2.SpanInputs]], grad: swarm_pb2.Tensor,
+def _backward_requests(call: _Call, sent: list[tuple[str, swarm_pb2.ForwardRequest]], grad: swarm_pb2.Tensor,
                        sink: _GradSink, failures: int = 0) -> swarm_pb2.Tensor:
     """Backward through the hops that served `sent`, in reverse. A failed hop's blocks are
     recomputed on other peers (forward to rebuild their inputs, then backward)."""
-    for endpoint, inputs in reversed(sent):
+    for endpoint, forward in reversed(sent):
+        inputs = forward.inputs
         try:
             response = PeerConnection.to(endpoint).backward(
-                swarm_pb2.BackwardRequest(inputs=inputs, grad_outputs=grad), call.swarm.settings.request_timeout)
+                swarm_pb2.BackwardRequest(inputs=inputs, grad_outputs=grad, backward_id=forward.backward_id),
+                call.swarm.settings.request_timeout)
         except PeerCallError as e:
             if call.give_up(e, failures + 1):
                 raise
@@ -241,5 +249,7 @@ def remote_forward(swarm: RemoteSwarm, hidden: torch.Tensor, attention_mask: tor
     `hidden` and the tuning tensors."""
     tuning = tuning or TuningPayload()
     end = swarm.num_blocks if end is None else end
-    call = _Call(swarm, attention_mask, position_ids, tuning)
-    return _ChainCall.apply(call, start, end, hidden, *tuning.flat())
+    flat = tuning.flat()
+    backward_follows = torch.is_grad_enabled() and (hidden.requires_grad or any(t.requires_grad for t in flat))
+    call = _Call(swarm, attention_mask, position_ids, tuning, backward_follows)
+    return _ChainCall.apply(call, start, end, hidden, *flat)

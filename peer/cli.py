@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="largest gRPC message sent or received (default: %(default)s)")
     compute.add_argument("--session-timeout", type=_positive(float), default=300.0, metavar="SECONDS",
                          help="close an inference session idle this long, freeing its cache (default: %(default)s)")
+    compute.add_argument("--backward-memory", type=int, default=1024, metavar="MB",
+                         help="memory for activations kept from a training Forward until its Backward, so "
+                         "Backward need not recompute the forward pass (training steps ~1.3x faster); kept at "
+                         "most 2 minutes; 0: always recompute (default: %(default)s)")
     compute.add_argument("--threads", type=_positive(int), metavar="N",
                          help="CPU threads for compute (default: torch's choice, one per core); when several "
                               "peers share one machine, give each 1")
@@ -154,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cache_tokens < 0:
         return _fail(f"--cache-tokens must be >= 0, got {args.cache_tokens}")
+    if args.backward_memory < 0:
+        return _fail(f"--backward-memory must be >= 0 MB, got {args.backward_memory}")
     if args.public_host in ("0.0.0.0", "::"):
         return _fail(f"--public-host {args.public_host} means 'all interfaces'; give an address clients can dial")
 
@@ -201,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=device, dtype=dtype, quant=args.quant, cache_tokens=args.cache_tokens,
         limits=PeerLimits(max_batch_size=args.max_batch_size, max_seq_length=args.max_seq_length,
                           max_message_bytes=args.max_message_mb * 1024 * 1024),
-        session_timeout=args.session_timeout, announce_period=args.announce_period,
+        session_timeout=args.session_timeout, backward_memory_mb=args.backward_memory,
+        announce_period=args.announce_period,
         num_blocks=args.num_blocks, balance_period=args.balance_period,
     )
 

@@ -33,6 +33,7 @@ class PeerConfig:
     cache_tokens: int = 8192
     limits: PeerLimits = field(default_factory=PeerLimits)
     session_timeout: float = 300.0
+    backward_memory_mb: int = 1024  # activations kept from Forward for its Backward (peer/kept_graphs.py)
     announce_period: float = 10.0
     num_blocks: int | None = None  # set: the peer chooses where to serve this many blocks (start/end ignored)
     balance_period: float = 60.0  # with num_blocks: seconds between checks whether to move; 0: never move

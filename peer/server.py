@@ -52,6 +52,7 @@ from swarm.registry import (
 
 from .balancer import Balancer, PlacementError
 from .config import PeerConfig
+from .kept_graphs import KeptGraphs
 from .memory import CacheBudget, bytes_per_token
 from .runtime import ComputeRuntime
 from .placement import departed
@@ -280,7 +281,8 @@ class SpanHost:
         logger.info("KV-cache budget: %d tokens (%.0f MiB)", config.cache_tokens,
                     config.cache_tokens * per_token / 2**20)
         self.span = span
-        self.service = BlockService(span, served, self.runtime, budget, config.limits, config.session_timeout)
+        self.service = BlockService(span, served, self.runtime, budget, config.limits, config.session_timeout,
+                                    kept=KeptGraphs(config.backward_memory_mb * 2**20))
         self.switch.serve(self.service)
         return True
 

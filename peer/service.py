@@ -30,11 +30,12 @@ import grpc
 import torch
 
 import swarm
-from swarm.blocks import BlockSpan, InferenceState, SpanInputError
+from swarm.blocks import BlockSpan, InferenceState, SpanGraph, SpanInputError
 from swarm.tuning import AdapterError
 from swarm.wire import DTYPES, WireError, serialize_tensor, swarm_pb2, swarm_pb2_grpc
 
 from .config import PeerLimits
+from .kept_graphs import DEFAULT_BACKWARD_MEMORY, KeptGraphs
 from .memory import CacheBudget, CacheBudgetExceeded, CacheReservation
 from .push import PUSH_CAPABILITY, PushFailed, Pushed, PushRejected, PushRouter, SessionInbox, check_targets, is_stale
 from .requests import (
@@ -102,8 +103,10 @@ class _Session:
 
 class BlockService(swarm_pb2_grpc.BlockServiceServicer):
     def __init__(self, span: BlockSpan, served: ServedModel, runtime: ComputeRuntime, budget: CacheBudget,
-                 limits: PeerLimits, session_timeout: float) -> None:
+                 limits: PeerLimits, session_timeout: float, kept: KeptGraphs | None = None) -> None:
         self.span, self.served, self.runtime, self.budget = span, served, runtime, budget
+        self.kept = KeptGraphs(DEFAULT_BACKWARD_MEMORY) if kept is None else kept
+        self.backwards_kept = self.backwards_recomputed = 0  # how Backward calls were answered
         self.limits, self.session_timeout = limits, session_timeout
         self.decoder = RequestDecoder(span, served.model_id, limits)
         self._sessions: set[_Session] = set()
@@ -116,7 +119,7 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
     async def Forward(self, request: swarm_pb2.ForwardRequest, context: grpc.aio.ServicerContext):
         try:
             call = await self._decode(_nbytes(request.inputs), self.decoder.span_call, request.inputs)
-            hidden = await self.runtime.run(Priority.TRAINING, self._forward, call)
+            hidden = await self.runtime.run(Priority.TRAINING, self._forward, call, request.backward_id)
             return swarm_pb2.ForwardResponse(hidden_states=hidden)
         except Exception as e:
             await _refuse(context, e, "Forward")
@@ -124,8 +127,9 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
     async def Backward(self, request: swarm_pb2.BackwardRequest, context: grpc.aio.ServicerContext):
         try:
             call, grad_outputs = await self._decode(_nbytes(request.inputs), self._decode_backward, request)
+            graph = self.kept.take(request.backward_id) if request.backward_id else None
             return await self.runtime.run(Priority.TRAINING, self._backward, call, grad_outputs,
-                                          request.inputs.adapters)
+                                          request.inputs.adapters, graph)
         except Exception as e:
             await _refuse(context, e, "Backward")
 
@@ -145,6 +149,8 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
                 for s in self._sessions if s.state is not None
             ],
             capabilities=[PUSH_CAPABILITY], pushes_sent=self.pushes.sent, pushes_received=self.pushes.received,
+            backwards_kept=self.backwards_kept, backwards_recomputed=self.backwards_recomputed,
+            kept_graph_bytes=self.kept.nbytes,
         )
 
     # --- inference sessions ------------------------------------------------------------------
@@ -309,15 +315,25 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
     # The methods below run on the compute thread; they encode their answer there too, which
     # keeps a large answer's copy off the event loop.
 
-    def _forward(self, call: SpanCall) -> swarm_pb2.Tensor:
-        with torch.no_grad():
-            hidden = self.span.forward(call.hidden_states, call.attention_mask, call.position_ids,
-                                       call.deep_prompts, call.adapters)
+    def _forward(self, call: SpanCall, backward_id: str) -> swarm_pb2.Tensor:
+        inputs = (call.hidden_states, call.attention_mask, call.position_ids, call.deep_prompts, call.adapters)
+        if backward_id and self.kept.max_bytes:
+            hidden, graph = self.span.forward_with_graph(*inputs)
+            self.kept.put(backward_id, graph)
+        else:
+            with torch.no_grad():
+                hidden = self.span.forward(*inputs)
         return serialize_tensor(hidden.to(call.client_dtype), call.response_codec)
 
-    def _backward(self, call: SpanCall, grad_outputs: torch.Tensor, adapter_msgs) -> swarm_pb2.BackwardResponse:
-        grads = self.span.backward(call.hidden_states, grad_outputs, call.attention_mask, call.position_ids,
-                                   call.deep_prompts, call.adapters)
+    def _backward(self, call: SpanCall, grad_outputs: torch.Tensor, adapter_msgs,
+                  graph: SpanGraph | None) -> swarm_pb2.BackwardResponse:
+        if graph is not None and _same_call(graph, call):
+            grads = graph.backward(grad_outputs)
+            self.backwards_kept += 1
+        else:
+            self.backwards_recomputed += 1
+            grads = self.span.backward(call.hidden_states, grad_outputs, call.attention_mask, call.position_ids,
+                                       call.deep_prompts, call.adapters)
         codec = call.response_codec
         response = swarm_pb2.BackwardResponse(
             grad_hidden_states=serialize_tensor(grads.hidden_states.to(call.client_dtype), codec))
@@ -336,6 +352,24 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
         encoded = serialize_tensor(hidden.to(step.client_dtype), session.response_codec)
         session.compute_s, session.encode_s = computed - started, time.perf_counter() - computed
         return encoded
+
+
+def _same_call(graph: SpanGraph, call: SpanCall) -> bool:
+    """Whether a kept graph answers this Backward exactly: the same inputs, deep prompts and tuning
+    tensors as its Forward. Comparing costs a memcmp of what was sent (~0.1 ms for 4 x 64 tokens);
+    a client that reuses an id with other inputs gets a recomputation, never a wrong gradient."""
+    if not _equal(graph.inputs, call.hidden_states) or not _equal(graph.prompts, call.deep_prompts):
+        return False
+    if len(graph.adapters) != len(call.adapters):
+        return False
+    return all(kept.keys() == sent.tensors.keys() and all(_equal(kept[k], sent.tensors[k]) for k in kept)
+               for kept, sent in zip(graph.adapters, call.adapters))
+
+
+def _equal(kept: torch.Tensor | None, sent: torch.Tensor | None) -> bool:
+    if kept is None or sent is None:
+        return kept is sent
+    return kept.shape == sent.shape and kept.dtype == sent.dtype and torch.equal(kept.detach(), sent)
 
 
 def _discard_result(task: asyncio.Task) -> None:

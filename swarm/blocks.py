@@ -1,5 +1,5 @@
-"""Running a span of blocks [start, end): forward, backward by recomputation, and
-incremental inference with a KV cache owned by the span.
+"""Running a span of blocks [start, end): forward, backward (from a kept graph or by
+recomputation), and incremental inference with a KV cache owned by the span.
 
 The same code serves a peer and the local reference in tests: a span is the library's own
 decoder layers, driven exactly as the family's model forward drives them, so outputs are
@@ -47,6 +47,55 @@ class InferenceState:
     deep_prompts: torch.Tensor | None = None
     adapters: list[AdapterSet] = field(default_factory=list)
     prefix_length: int = 0
+
+
+class SpanGraph:
+    """A span's forward pass with its autograd graph, waiting for the gradient of its output."""
+
+    def __init__(self, outputs: torch.Tensor, inputs: torch.Tensor, prompts: torch.Tensor | None,
+                 adapters: list[dict[str, torch.Tensor]], nbytes: int) -> None:
+        self.outputs, self.inputs, self.prompts, self.adapters = outputs, inputs, prompts, adapters
+        self.nbytes = nbytes  # what autograd saved for backward: the memory this graph holds
+
+    def backward(self, grad_outputs: torch.Tensor) -> SpanGrads:
+        """Gradients of ``(outputs * grad_outputs).sum()``; frees the graph (one use only)."""
+        if self.outputs is None:
+            raise RuntimeError("this forward's graph was already used by a Backward")
+        if grad_outputs.shape != self.outputs.shape:
+            raise SpanInputError(f"grad_outputs shape {tuple(grad_outputs.shape)} must equal the forward's "
+                                 f"output shape {tuple(self.outputs.shape)}")
+        leaves = [self.inputs] + ([self.prompts] if self.prompts is not None else [])
+        leaves += [t for tensors in self.adapters for t in tensors.values()]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(self.outputs, leaves, grad_outputs=grad_outputs.to(self.outputs.dtype),
+                                        allow_unused=True)
+        grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
+        self.outputs = None  # the graph is spent; drop the saved activations now
+        result = SpanGrads(hidden_states=grads.pop(0))
+        if self.prompts is not None:
+            result.deep_prompts = grads.pop(0)
+        result.adapters = [{name: grads.pop(0) for name in tensors} for tensors in self.adapters]
+        return result
+
+
+class _SavedBytes:
+    """Counts the bytes autograd saves for backward (each storage once, the span's own weights
+    not at all: they are held anyway) while leaving the tensors untouched."""
+
+    def __init__(self, weights: set[int]) -> None:
+        self.nbytes = 0
+        self._seen = set(weights)
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._seen:
+            self._seen.add(storage.data_ptr())
+            self.nbytes += storage.nbytes()
+        return tensor
+
+    @staticmethod
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
 
 
 def default_position_ids(attention_mask: torch.Tensor | None, past: int, new: int, batch: int,
@@ -139,27 +188,37 @@ class BlockSpan(nn.Module):
                 f"grad_outputs shape {tuple(grad_outputs.shape)} must equal hidden_states shape "
                 f"{tuple(hidden_states.shape)}"
             )
+        _, graph = self.forward_with_graph(hidden_states, attention_mask, position_ids, deep_prompts, adapters)
+        return graph.backward(grad_outputs)
+
+    def forward_with_graph(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        deep_prompts: torch.Tensor | None = None,
+        adapters: list[AdapterSet] = (),
+    ) -> tuple[torch.Tensor, "SpanGraph"]:
+        """`forward`, keeping what autograd saved so `SpanGraph.backward` needs no recomputation:
+        a training step then costs forward + backward instead of forward + forward + backward."""
         inputs = hidden_states.detach().requires_grad_(True)
         prompts = deep_prompts.detach().requires_grad_(True) if deep_prompts is not None else None
         leaf_sets = [
             AdapterSet(a.method, {k: t.detach().requires_grad_(True) for k, t in a.tensors.items()}) for a in adapters
         ]
-        leaves = [inputs] + ([prompts] if prompts is not None else []) + [
-            t for a in leaf_sets for t in a.tensors.values()
-        ]
-        with torch.enable_grad():
+        saved = _SavedBytes(self._weight_storages())
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
             outputs = self.forward(inputs, attention_mask, position_ids, prompts, leaf_sets)
-            grads = torch.autograd.grad(outputs, leaves, grad_outputs=grad_outputs.to(outputs.dtype),
-                                        allow_unused=True)
-        grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
-        result = SpanGrads(hidden_states=grads.pop(0))
-        if prompts is not None:
-            result.deep_prompts = grads.pop(0)
-        for a in leaf_sets:
-            result.adapters.append({name: grads.pop(0) for name in a.tensors})
-        return result
+        graph = SpanGraph(outputs, inputs, prompts, [a.tensors for a in leaf_sets], saved.nbytes)
+        return outputs.detach(), graph
 
-    # --- inference ----------------------------------------------------------------------------
+    def _weight_storages(self) -> set[int]:
+        tensors = [*self.layers.parameters(), *self.layers.buffers()]
+        if isinstance(self.rotary, nn.Module):
+            tensors += [*self.rotary.parameters(), *self.rotary.buffers()]
+        return {t.untyped_storage().data_ptr() for t in tensors}
+
+    # --- inference ---    # --- inference ----------------------------------------------------------------------------
 
     def start_inference(self, batch_size: int, max_length: int, deep_prompts: torch.Tensor | None = None,
                         adapters: list[AdapterSet] = ()) -> InferenceState:

@@ -13,13 +13,13 @@ from transformers import AutoModelForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from client import AutoDistributedModelForCausalLM
+from client.transport import PeerConnection
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 
 pytestmark = pytest.mark.integration
 
 TEXT = "A quick brown fox did not jump over the lazy dog"
 PREFIX = 4
-
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +87,21 @@ def test_ptune_grads_match_local(swarm, folder):
     model.swarm.shutdown()
 
 
+def backward_counts(swarm) -> list[tuple[int, int]]:
+    """Per peer: Backward calls it answered from the kept Forward graph, and by recomputing."""
+    infos = [PeerConnection.to(endpoint).info() for endpoint in swarm.endpoints]
+    return [(i.backwards_kept, i.backwards_recomputed) for i in infos]
+
+
 def test_deep_ptune_grads_match_local(swarm, folder):
+    """Also: each peer answers the Backward from the graph its Forward kept, with no recomputation."""
     model = distributed(swarm, tuning_mode="deep_ptune", pre_seq_len=PREFIX)
     with torch.no_grad():
         model.tuning.deep_prompts.normal_(std=0.05)  # non-zero, so the reference path is exercised
     ids = token_ids(model)
+    before = backward_counts(swarm)
     model(input_ids=ids, labels=ids).loss.backward()
+    assert [(k - k0, r - r0) for (k, r), (k0, r0) in zip(backward_counts(swarm), before)] == [(1, 0)] * 3
     local = local_model(folder).requires_grad_(False)
     prompts = model.tuning.prompts.detach().clone().requires_grad_(True)
     deep = model.tuning.deep_prompts.detach()[:, 0].clone().requires_grad_(True)

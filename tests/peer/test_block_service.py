@@ -133,6 +133,50 @@ def test_backward_with_lora_and_deep_prompts_equals_local(peer, span):
         torch.testing.assert_close(deserialize_tensor(tensor), expected.adapters[0][name], atol=1e-5, rtol=0)
 
 
+def backward_answer(peer, inputs, grad, backward_id: str = "") -> dict[str, torch.Tensor]:
+    answer = peer.stub.Backward(pb.BackwardRequest(inputs=inputs, grad_outputs=serialize_tensor(grad),
+                                                   backward_id=backward_id), timeout=30)
+    grads = {"hidden_states": deserialize_tensor(answer.grad_hidden_states),
+             "deep_prompts": deserialize_tensor(answer.grad_deep_prompts)}
+    grads.update({name: deserialize_tensor(t) for name, t in answer.grad_adapters[0].tensors.items()})
+    return grads
+
+
+def test_backward_from_a_kept_forward_graph_equals_recomputation(peer, span):
+    """Forward naming a backward_id keeps its graph; the Backward naming it uses the graph (the
+    peer's counters say so) and gives the recomputed gradients. The graph is used once; a second
+    Backward with the same id, or one whose inputs differ from the Forward's, recomputes."""
+    x, prompts, grad = hidden(seed=12), deep_prompts(seed=13), hidden(seed=14)
+    lora, lora_msg = lora_for(span, seed=15)
+    inputs = span_inputs(MODEL_ID, START, END, x, deep_prompts=prompts, adapters=[lora_msg])
+    expected = backward_answer(peer, inputs, grad)
+    before = info(peer)
+
+    out = peer.stub.Forward(pb.ForwardRequest(inputs=inputs, backward_id="step-1"), timeout=30).hidden_states
+    with torch.no_grad():
+        torch.testing.assert_close(deserialize_tensor(out), span.forward(x, deep_prompts=prompts, adapters=[lora]),
+                                   atol=1e-5, rtol=0)
+    held = info(peer).kept_graph_bytes - before.kept_graph_bytes
+    assert held > 100_000, "2 x 5 tokens x 10 blocks of activations"
+    kept = backward_answer(peer, inputs, grad, "step-1")
+    after = info(peer)
+    assert (after.backwards_kept - before.backwards_kept, after.backwards_recomputed - before.backwards_recomputed,
+            after.kept_graph_bytes) == (1, 0, before.kept_graph_bytes)
+    assert kept.keys() == expected.keys()
+    for name in kept:
+        torch.testing.assert_close(kept[name], expected[name], atol=1e-5, rtol=0)
+
+    again = backward_answer(peer, inputs, grad, "step-1")  # spent: recomputed, same answer
+    peer.stub.Forward(pb.ForwardRequest(inputs=inputs, backward_id="step-2"), timeout=30)
+    other_inputs = span_inputs(MODEL_ID, START, END, hidden(seed=16), deep_prompts=prompts, adapters=[lora_msg])
+    other = backward_answer(peer, other_inputs, grad, "step-2")
+    last = info(peer)
+    assert (last.backwards_kept, last.backwards_recomputed) == (after.backwards_kept, after.backwards_recomputed + 2)
+    torch.testing.assert_close(again["hidden_states"], expected["hidden_states"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(other["hidden_states"], backward_answer(peer, other_inputs, grad)["hidden_states"],
+                               atol=1e-5, rtol=0)
+
+
 def test_activations_come_back_in_the_clients_dtype_and_codec(peer, span):
     x = hidden(dtype=torch.bfloat16)
     with torch.no_grad():

@@ -168,3 +168,32 @@ def test_lora_settings_are_checked():
         method_from_json("lora", "{rank: 2")
     with pytest.raises(AdapterError, match="bad lora settings"):
         method_from_json("lora", '{"rnak": 2}')
+
+
+def test_kept_graph_backward_equals_recomputed_backward(smollm2_spans):
+    """What a peer does when Forward keeps its graph: the same output and the same gradients
+    (inputs, deep prompts, LoRA) as Backward's recomputation, counting only activation bytes."""
+    span = smollm2_spans[1]
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 6, span.hidden_size, generator=generator)
+    prompts = torch.randn(span.num_blocks, 2, 3, span.hidden_size, generator=generator) * 0.1
+    method = LoRA(rank=RANK, alpha=ALPHA, targets=["q_proj", "v_proj"], dropout=0.1, seed=7)
+    adapters = [AdapterSet(method, lora_tensors(span, method, seed=1))]
+    grad_outputs = torch.randn(2, 6, span.hidden_size, generator=generator)
+
+    output, graph = span.forward_with_graph(hidden, deep_prompts=prompts, adapters=adapters)
+    assert torch.equal(output, span(hidden, deep_prompts=prompts, adapters=adapters))
+    assert not output.requires_grad
+    kept = graph.backward(grad_outputs)
+    recomputed = span.backward(hidden, grad_outputs, deep_prompts=prompts, adapters=adapters)
+    assert torch.equal(kept.hidden_states, recomputed.hidden_states)
+    assert torch.equal(kept.deep_prompts, recomputed.deep_prompts)
+    assert kept.adapters[0].keys() == recomputed.adapters[0].keys()
+    assert all(torch.equal(kept.adapters[0][k], recomputed.adapters[0][k]) for k in kept.adapters[0])
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in span.parameters())
+    assert 0 < graph.nbytes < weight_bytes / 10, (graph.nbytes, weight_bytes)
+    with pytest.raises(RuntimeError, match="already used"):
+        graph.backward(grad_outputs)  # spent: its saved activations are gone
+    with pytest.raises(ValueError, match="must equal the forward's output shape"):
+        span.forward_with_graph(hidden)[1].backward(grad_outputs[:1])

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bswarm.proto\x12\x07swarmlm\"C\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xad\x01\n\x0e\x41\x64\x61pterTensors\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x35\n\x07tensors\x18\x03 \x03(\x0b\x32$.swarmlm.AdapterTensors.TensorsEntry\x1a?\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.swarmlm.Tensor:\x02\x38\x01\"\x9c\x02\n\nSpanInputs\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12&\n\rhidden_states\x18\x04 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12\'\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12%\n\x0cposition_ids\x18\x06 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12%\n\x0c\x64\x65\x65p_prompts\x18\x07 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12)\n\x08\x61\x64\x61pters\x18\x08 \x03(\x0b\x32\x17.swarmlm.AdapterTensors\x12\x16\n\x0eresponse_codec\x18\t \x01(\t\"5\n\x0e\x46orwardRequest\x12#\n\x06inputs\x18\x01 \x01(\x0b\x32\x13.swarmlm.SpanInputs\"9\n\x0f\x46orwardResponse\x12&\n\rhidden_states\x18\x01 \x01(\x0b\x32\x0f.swarmlm.Tensor\"]\n\x0f\x42\x61\x63kwardRequest\x12#\n\x06inputs\x18\x01 \x01(\x0b\x32\x13.swarmlm.SpanInputs\x12%\n\x0cgrad_outputs\x18\x02 \x01(\x0b\x32\x0f.swarmlm.Tensor\"\x9b\x01\n\x10\x42\x61\x63kwardResponse\x12+\n\x12grad_hidden_states\x18\x01 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12*\n\x11grad_deep_prompts\x18\x02 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12.\n\rgrad_adapters\x18\x03 \x03(\x0b\x32\x17.swarmlm.AdapterTensors\"\xf2\x01\n\rInferenceOpen\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12%\n\x0c\x64\x65\x65p_prompts\x18\x08 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12)\n\x08\x61\x64\x61pters\x18\t \x03(\x0b\x32\x17.swarmlm.AdapterTensors\x12\x16\n\x0eresponse_codec\x18\n \x01(\t\"\xf3\x01\n\rInferenceStep\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x10\n\x08position\x18\x02 \x01(\r\x12&\n\rhidden_states\x18\x03 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12\'\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12%\n\x0cposition_ids\x18\x05 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12!\n\x08hypo_ids\x18\x06 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12$\n\x07push_to\x18\x07 \x03(\x0b\x32\x13.swarmlm.PushTarget\"2\n\nPushTarget\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"j\n\x10InferenceRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.swarmlm.InferenceOpenH\x00\x12&\n\x04step\x18\x02 \x01(\x0b\x32\x16.swarmlm.InferenceStepH\x00\x42\x06\n\x04kind\"\x89\x01\n\x11InferenceResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x10\n\x08position\x18\x02 \x01(\r\x12&\n\rhidden_states\x18\x03 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12\x15\n\rsupports_push\x18\x04 \x01(\x08\x12\x12\n\npush_error\x18\x05 \x01(\t\"G\n\x0bPushRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x04step\x18\x02 \x01(\x0b\x32\x16.swarmlm.InferenceStep\"\x0e\n\x0cPushResponse\"\r\n\x0bInfoRequest\"\x8f\x01\n\rSessionStatus\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x17\n\x0ftokens_received\x18\x03 \x01(\x04\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x17\n\x0fsteps_pushed_in\x18\x06 \x01(\x04\"\xac\x03\n\x08PeerInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05quant\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x12\n\nthroughput\x18\t \x01(\x02\x12\x1a\n\x12\x63\x61\x63he_tokens_total\x18\n \x01(\x04\x12\x19\n\x11\x63\x61\x63he_tokens_free\x18\x0b \x01(\x04\x12\x17\n\x0f\x61\x63tive_sessions\x18\x0c \x01(\r\x12\x16\n\x0emax_batch_size\x18\r \x01(\r\x12\x16\n\x0emax_seq_length\x18\x0e \x01(\r\x12\x19\n\x11max_message_bytes\x18\x0f \x01(\x04\x12(\n\x08sessions\x18\x10 \x03(\x0b\x32\x16.swarmlm.SessionStatus\x12\x14\n\x0c\x63\x61pabilities\x18\x11 \x03(\t\x12\x13\n\x0bpushes_sent\x18\x12 \x01(\x04\x12\x17\n\x0fpushes_received\x18\x13 \x01(\x04\x32\xbb\x02\n\x0c\x42lockService\x12<\n\x07\x46orward\x12\x17.swarmlm.ForwardRequest\x1a\x18.swarmlm.ForwardResponse\x12?\n\x08\x42\x61\x63kward\x12\x18.swarmlm.BackwardRequest\x1a\x19.swarmlm.BackwardResponse\x12\x46\n\tInference\x12\x19.swarmlm.InferenceRequest\x1a\x1a.swarmlm.InferenceResponse(\x01\x30\x01\x12/\n\x04Info\x12\x14.swarmlm.InfoRequest\x1a\x11.swarmlm.PeerInfo\x12\x33\n\x04Push\x12\x14.swarmlm.PushRequest\x1a\x15.swarmlm.PushResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bswarm.proto\x12\x07swarmlm\"C\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xad\x01\n\x0e\x41\x64\x61pterTensors\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x35\n\x07tensors\x18\x03 \x03(\x0b\x32$.swarmlm.AdapterTensors.TensorsEntry\x1a?\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.swarmlm.Tensor:\x02\x38\x01\"\x9c\x02\n\nSpanInputs\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12&\n\rhidden_states\x18\x04 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12\'\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12%\n\x0cposition_ids\x18\x06 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12%\n\x0c\x64\x65\x65p_prompts\x18\x07 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12)\n\x08\x61\x64\x61pters\x18\x08 \x03(\x0b\x32\x17.swarmlm.AdapterTensors\x12\x16\n\x0eresponse_codec\x18\t \x01(\t\"J\n\x0e\x46orwardRequest\x12#\n\x06inputs\x18\x01 \x01(\x0b\x32\x13.swarmlm.SpanInputs\x12\x13\n\x0b\x62\x61\x63kward_id\x18\x02 \x01(\t\"9\n\x0f\x46orwardResponse\x12&\n\rhidden_states\x18\x01 \x01(\x0b\x32\x0f.swarmlm.Tensor\"r\n\x0f\x42\x61\x63kwardRequest\x12#\n\x06inputs\x18\x01 \x01(\x0b\x32\x13.swarmlm.SpanInputs\x12%\n\x0cgrad_outputs\x18\x02 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12\x13\n\x0b\x62\x61\x63kward_id\x18\x03 \x01(\t\"\x9b\x01\n\x10\x42\x61\x63kwardResponse\x12+\n\x12grad_hidden_states\x18\x01 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12*\n\x11grad_deep_prompts\x18\x02 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12.\n\rgrad_adapters\x18\x03 \x03(\x0b\x32\x17.swarmlm.AdapterTensors\"\xf2\x01\n\rInferenceOpen\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12%\n\x0c\x64\x65\x65p_prompts\x18\x08 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12)\n\x08\x61\x64\x61pters\x18\t \x03(\x0b\x32\x17.swarmlm.AdapterTensors\x12\x16\n\x0eresponse_codec\x18\n \x01(\t\"\xf3\x01\n\rInferenceStep\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x10\n\x08position\x18\x02 \x01(\r\x12&\n\rhidden_states\x18\x03 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12\'\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12%\n\x0cposition_ids\x18\x05 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12!\n\x08hypo_ids\x18\x06 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12$\n\x07push_to\x18\x07 \x03(\x0b\x32\x13.swarmlm.PushTarget\"2\n\nPushTarget\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"j\n\x10InferenceRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.swarmlm.InferenceOpenH\x00\x12&\n\x04step\x18\x02 \x01(\x0b\x32\x16.swarmlm.InferenceStepH\x00\x42\x06\n\x04kind\"\x89\x01\n\x11InferenceResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x10\n\x08position\x18\x02 \x01(\r\x12&\n\rhidden_states\x18\x03 \x01(\x0b\x32\x0f.swarmlm.Tensor\x12\x15\n\rsupports_push\x18\x04 \x01(\x08\x12\x12\n\npush_error\x18\x05 \x01(\t\"G\n\x0bPushRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x04step\x18\x02 \x01(\x0b\x32\x16.swarmlm.InferenceStep\"\x0e\n\x0cPushResponse\"\r\n\x0bInfoRequest\"\x8f\x01\n\rSessionStatus\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x17\n\x0ftokens_received\x18\x03 \x01(\x04\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x17\n\x0fsteps_pushed_in\x18\x06 \x01(\x04\"\xfc\x03\n\x08PeerInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05quant\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x12\n\nthroughput\x18\t \x01(\x02\x12\x1a\n\x12\x63\x61\x63he_tokens_total\x18\n \x01(\x04\x12\x19\n\x11\x63\x61\x63he_tokens_free\x18\x0b \x01(\x04\x12\x17\n\x0f\x61\x63tive_sessions\x18\x0c \x01(\r\x12\x16\n\x0emax_batch_size\x18\r \x01(\r\x12\x16\n\x0emax_seq_length\x18\x0e \x01(\r\x12\x19\n\x11max_message_bytes\x18\x0f \x01(\x04\x12(\n\x08sessions\x18\x10 \x03(\x0b\x32\x16.swarmlm.SessionStatus\x12\x14\n\x0c\x63\x61pabilities\x18\x11 \x03(\t\x12\x13\n\x0bpushes_sent\x18\x12 \x01(\x04\x12\x17\n\x0fpushes_received\x18\x13 \x01(\x04\x12\x16\n\x0e\x62\x61\x63kwards_kept\x18\x14 \x01(\x04\x12\x1c\n\x14\x62\x61\x63kwards_recomputed\x18\x15 \x01(\x04\x12\x18\n\x10kept_graph_bytes\x18\x16 \x01(\x04\x32\xbb\x02\n\x0c\x42lockService\x12<\n\x07\x46orward\x12\x17.swarmlm.ForwardRequest\x1a\x18.swarmlm.ForwardResponse\x12?\n\x08\x42\x61\x63kward\x12\x18.swarmlm.BackwardRequest\x1a\x19.swarmlm.BackwardResponse\x12\x46\n\tInference\x12\x19.swarmlm.InferenceRequest\x1a\x1a.swarmlm.InferenceResponse(\x01\x30\x01\x12/\n\x04Info\x12\x14.swarmlm.InfoRequest\x1a\x11.swarmlm.PeerInfo\x12\x33\n\x04Push\x12\x14.swarmlm.PushRequest\x1a\x15.swarmlm.PushResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,33 +42,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPANINPUTS']._serialized_start=270
   _globals['_SPANINPUTS']._serialized_end=554
   _globals['_FORWARDREQUEST']._serialized_start=556
-  _globals['_FORWARDREQUEST']._serialized_end=609
-  _globals['_FORWARDRESPONSE']._serialized_start=611
-  _globals['_FORWARDRESPONSE']._serialized_end=668
-  _globals['_BACKWARDREQUEST']._serialized_start=670
-  _globals['_BACKWARDREQUEST']._serialized_end=763
-  _globals['_BACKWARDRESPONSE']._serialized_start=766
-  _globals['_BACKWARDRESPONSE']._serialized_end=921
-  _globals['_INFERENCEOPEN']._serialized_start=924
-  _globals['_INFERENCEOPEN']._serialized_end=1166
-  _globals['_INFERENCESTEP']._serialized_start=1169
-  _globals['_INFERENCESTEP']._serialized_end=1412
-  _globals['_PUSHTARGET']._serialized_start=1414
-  _globals['_PUSHTARGET']._serialized_end=1464
-  _globals['_INFERENCEREQUEST']._serialized_start=1466
-  _globals['_INFERENCEREQUEST']._serialized_end=1572
-  _globals['_INFERENCERESPONSE']._serialized_start=1575
-  _globals['_INFERENCERESPONSE']._serialized_end=1712
-  _globals['_PUSHREQUEST']._serialized_start=1714
-  _globals['_PUSHREQUEST']._serialized_end=1785
-  _globals['_PUSHRESPONSE']._serialized_start=1787
-  _globals['_PUSHRESPONSE']._serialized_end=1801
-  _globals['_INFOREQUEST']._serialized_start=1803
-  _globals['_INFOREQUEST']._serialized_end=1816
-  _globals['_SESSIONSTATUS']._serialized_start=1819
-  _globals['_SESSIONSTATUS']._serialized_end=1962
-  _globals['_PEERINFO']._serialized_start=1965
-  _globals['_PEERINFO']._serialized_end=2393
-  _globals['_BLOCKSERVICE']._serialized_start=2396
-  _globals['_BLOCKSERVICE']._serialized_end=2711
+  _globals['_FORWARDREQUEST']._serialized_end=630
+  _globals['_FORWARDRESPONSE']._serialized_start=632
+  _globals['_FORWARDRESPONSE']._serialized_end=689
+  _globals['_BACKWARDREQUEST']._serialized_start=691
+  _globals['_BACKWARDREQUEST']._serialized_end=805
+  _globals['_BACKWARDRESPONSE']._serialized_start=808
+  _globals['_BACKWARDRESPONSE']._serialized_end=963
+  _globals['_INFERENCEOPEN']._serialized_start=966
+  _globals['_INFERENCEOPEN']._serialized_end=1208
+  _globals['_INFERENCESTEP']._serialized_start=1211
+  _globals['_INFERENCESTEP']._serialized_end=1454
+  _globals['_PUSHTARGET']._serialized_start=1456
+  _globals['_PUSHTARGET']._serialized_end=1506
+  _globals['_INFERENCEREQUEST']._serialized_start=1508
+  _globals['_INFERENCEREQUEST']._serialized_end=1614
+  _globals['_INFERENCERESPONSE']._serialized_start=1617
+  _globals['_INFERENCERESPONSE']._serialized_end=1754
+  _globals['_PUSHREQUEST']._serialized_start=1756
+  _globals['_PUSHREQUEST']._serialized_end=1827
+  _globals['_PUSHRESPONSE']._serialized_start=1829
+  _globals['_PUSHRESPONSE']._serialized_end=1843
+  _globals['_INFOREQUEST']._serialized_start=1845
+  _globals['_INFOREQUEST']._serialized_end=1858
+  _globals['_SESSIONSTATUS']._serialized_start=1861
+  _globals['_SESSIONSTATUS']._serialized_end=2004
+  _globals['_PEERINFO']._serialized_start=2007
+  _globals['_PEERINFO']._serialized_end=2515
+  _globals['_BLOCKSERVICE']._serialized_start=2518
+  _globals['_BLOCKSERVICE']._serialized_end=2833
 # @@protoc_insertion_point(module_scope)
