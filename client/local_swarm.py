@@ -50,6 +50,13 @@ class LocalSwarm:
         self.procs.append(proc)
         return proc, out
 
+    def _decode_threads(self) -> list[str]:
+        """Peers on one machine take turns at each decode step; one thread each keeps their idle
+        OpenMP workers off the core the busy peer needs (peer/runtime.py has the figures)."""
+        if len(self.spans) < 2 or "--decode-threads" in self.extra_peer_args:
+            return []
+        return ["--decode-threads", "1"]
+
     def _wait(self, proc: subprocess.Popen, out: Path, pattern: re.Pattern, what: str) -> re.Match:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
@@ -72,7 +79,7 @@ class LocalSwarm:
             for i, span in enumerate(self.spans):
                 peers.append(self._spawn(f"peer{i}", [
                     "peer", "--model", self.model, "--blocks", span, "--host", "127.0.0.1",
-                    "--initial-peers", self.initial_peers[0], *self.extra_peer_args,
+                    "--initial-peers", self.initial_peers[0], *self._decode_threads(), *self.extra_peer_args,
                 ]))
             for i, (proc, out) in enumerate(peers):
                 self.endpoints.append(self._wait(proc, out, READY, f"peer {self.spans[i]}").group(1))

@@ -140,8 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "Backward need not recompute the forward pass (training steps ~1.3x faster); kept at "
                          "most 2 minutes; 0: always recompute (default: %(default)s)")
     compute.add_argument("--threads", type=_positive(int), metavar="N",
-                         help="CPU threads for compute (default: torch's choice, one per core); when several "
-                              "peers share one machine, give each 1")
+                         help="CPU threads for compute (default: torch's choice, one per core)")
+    compute.add_argument("--decode-threads", type=_positive(int), metavar="N",
+                         help="CPU threads for decode steps (one new token per sequence): small memory-bound "
+                         "ops that gain little from threads; when several peers share one machine, give each 1 "
+                         "(default: as --threads)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="stderr log level (default: %(default)s)")
     return p
@@ -170,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from swarm.models import get_family
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)  # also for loading; compute threads are set per job
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         parsed = torch.device(device)
@@ -208,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         limits=PeerLimits(max_batch_size=args.max_batch_size, max_seq_length=args.max_seq_length,
                           max_message_bytes=args.max_message_mb * 1024 * 1024),
         session_timeout=args.session_timeout, backward_memory_mb=args.backward_memory,
+        threads=args.threads, decode_threads=args.decode_threads,
         announce_period=args.announce_period,
         num_blocks=args.num_blocks, balance_period=args.balance_period,
     )

@@ -33,6 +33,8 @@ class PeerConfig:
     cache_tokens: int = 8192
     limits: PeerLimits = field(default_factory=PeerLimits)
     session_timeout: float = 300.0
+    threads: int | None = None  # torch threads for compute; None: torch's choice
+    decode_threads: int | None = None  # for decode steps (one token per sequence); None: as `threads`
     backward_memory_mb: int = 1024  # activations kept from Forward for its Backward (peer/kept_graphs.py)
     announce_period: float = 10.0
     num_blocks: int | None = None  # set: the peer chooses where to serve this many blocks (start/end ignored)

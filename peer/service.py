@@ -208,7 +208,8 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
             step = await self._decode(len(request.step.hidden_states.data), self.decoder.session_step,
                                       request.step, opened, state.position)
             decoded = time.perf_counter()
-            hidden = await self.runtime.run(Priority.INFERENCE, self._inference_step, state, step, session)
+            hidden = await self.runtime.run(Priority.INFERENCE, self._inference_step, state, step, session,
+                                            light=step.hidden_states.shape[1] == 1)
             computed = time.perf_counter()
             session.steps += 1
             session.tokens_received += step.hidden_states.shape[1]
@@ -218,10 +219,13 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
                                                             hidden_states=hidden))
             if debug:
                 queued = computed - decoded - session.compute_s - session.encode_s
+                # perf_counter is the system's monotonic clock: the same in every process of a
+                # machine, so `received at` lines up with other peers' and the client's traces.
                 logger.debug("session %s step %d (%d tokens): decode %.3f ms, queue %.3f ms, compute %.3f ms, "
-                             "encode %.3f ms, write %.3f ms", opened.session_id, step.step_id,
+                             "encode %.3f ms, write %.3f ms, received at %.6f", opened.session_id, step.step_id,
                              step.hidden_states.shape[1], 1e3 * (decoded - received), 1e3 * queued,
-                             1e3 * session.compute_s, 1e3 * session.encode_s, 1e3 * (time.perf_counter() - computed))
+                             1e3 * session.compute_s, 1e3 * session.encode_s, 1e3 * (time.perf_counter() - computed),
+                             received)
 
     async def _read(self, session: _Session,
                     context: grpc.aio.ServicerContext) -> swarm_pb2.InferenceRequest | Pushed | PushFailed | None:

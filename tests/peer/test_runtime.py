@@ -152,3 +152,20 @@ def test_an_idle_worker_keeps_nothing_of_the_last_job(runtime):
         asyncio.run(main())
     finally:
         gc.enable()
+
+
+def test_light_jobs_run_on_their_own_thread_count():
+    import torch
+
+    before = torch.get_num_threads()
+    runtime = ComputeRuntime(threads=2, light_threads=1)
+
+    async def counts() -> list[int]:
+        return [await runtime.run(Priority.INFERENCE, torch.get_num_threads, light=light)
+                for light in (True, False, True)]
+
+    try:
+        assert asyncio.run(counts()) == [1, 2, 1]
+    finally:
+        runtime.shutdown()
+        torch.set_num_threads(before)
