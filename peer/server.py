@@ -38,7 +38,8 @@ import swarm
 from swarm.blocks import BlockSpan
 from swarm.checkpoint import Checkpoint, config_fingerprint
 from swarm.loading import load_span
-from swarm.quant import quantize_layers, release_freed_memory, weight_bytes
+from swarm.heap import release_freed_memory
+from swarm.quant import quantize_layers, weight_bytes
 from swarm.models import get_family
 from swarm.registry import (
     ModelRecord,

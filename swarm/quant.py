@@ -17,8 +17,6 @@ prompts and adapter tensors; the weights themselves never need one.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import importlib.util
 import logging
 from types import ModuleType
@@ -26,6 +24,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .heap import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -171,16 +171,6 @@ def quantize_layers(layers: nn.Module, quant: str, backend: str | None = None) -
     release_freed_memory()
     logger.info("quantized %d linear layers to %s (%s)", len(names), quant, backend or default_backend(quant, device))
     return len(names)
-
-
-def release_freed_memory() -> None:
-    """Hands memory freed by the float weights back to the OS. glibc keeps freed blocks in
-    the heap: measured on the default model, a float32 span quantized to int8 otherwise
-    still held 22.7 MiB per block (its float32 weights took 13.7), 3.5 MiB once released."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to release this way
-        pass
 
 
 def _storages(tensor: torch.Tensor) -> list[torch.Tensor]:
