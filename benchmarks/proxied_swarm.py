@@ -44,8 +44,9 @@ class ProxiedSwarm:
             # One LocalSwarm per peer, as each announces a different port; they start one
             # after another, so a peer's start-up does not slow the others' loading.
             for span, port, public in zip(self.spans, bound, self.proxy.ports):
+                # --decode-threads 1: as LocalSwarm gives peers that share a machine (peer/runtime.py).
                 args = ["--port", str(port), "--public-host", "127.0.0.1", "--public-port", str(public),
-                        *self.extra_peer_args]
+                        "--decode-threads", "1", *self.extra_peer_args]
                 self.peers.append(self._stack.enter_context(LocalSwarm(
                     [span], model=self.model, extra_peer_args=args, start_timeout=self.start_timeout,
                     dht_initial_peers=self.initial_peers)))

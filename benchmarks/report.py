@@ -16,8 +16,11 @@ from typing import Any
 HEADLINE = [
     ("generate_b1", "ratio", "decode tok/s, swarm (3 peers, loopback) / local, batch 1"),
     ("generate_b8", "ratio", "decode tok/s, swarm / local, batch 8"),
+    ("decode_trace", "step_ms", "decode step ms, traced (client + 3 peers + wire)"),
+    ("decode_trace", "transit_ms", "of which on the wire and gRPC hops between processes, ms"),
     ("prefill", "prefill_ratio", "prefill of 512 tokens, local time / swarm time"),
     ("finetune", "train_step.none.ratio", "training step (batch 4 x 64), local time / swarm time, no tuning mode"),
+    ("finetune", "train_step.ptune.ratio", "training step, local time / swarm time, ptune"),
     ("finetune", "train_step.lora.ratio", "training step, local time / swarm time, LoRA"),
     ("wan", "modes.push_off.of_limit", "decode at 20 ms RTT, share of the latency limit, push off"),
     ("wan", "modes.push_on.of_limit", "decode at 20 ms RTT, share of the latency limit, push on"),
@@ -111,8 +114,19 @@ def _petals_rows(ours: dict[str, dict], petals: dict) -> list[list[Any]]:
          lookup(loop, "train_step_s.deep_ptune")],
         ["local ptune step s, same run", lookup(tune, "train_step.ptune.local_s"),
          lookup(loop, "train_step_s.local_ptune")],
-        ["ptune training step s at 20 ms RTT", None, lookup(wan, "train_step_s.ptune")],
+        ["ptune training step s at 20 ms RTT", lookup(ours_wan, "train_step_s.ptune"),
+         lookup(wan, "train_step_s.ptune")],
+        ["swarmlm decode speed over Petals', loopback (target 2.25)",
+         _quotient(gen.get("swarm_tok_s"), loop.get("swarm_tok_s")), None],
+        ["swarmlm decode speed over Petals', 20 ms RTT, push on (target 2)", _quotient(wan_push, wan.get("swarm_tok_s")),
+         None],
+        ["swarmlm ptune step speed over Petals', loopback (target 2)",
+         _quotient(lookup(loop, "train_step_s.ptune"), lookup(tune, "train_step.ptune.swarm_s")), None],
     ]
+
+
+def _quotient(a: Any, b: Any) -> float | None:
+    return round(a / b, 2) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
 
 
 def render(results: dict, petals: dict | None = None) -> str:

@@ -49,6 +49,8 @@ SUITE = [
               ["--new-tokens", "8", "--runs", "1"]),
     Benchmark("generate_b8", "Decode through 3 peers vs local, batch 8", "generate.py", ["--batch", "8"],
               ["--new-tokens", "8", "--runs", "1"]),
+    Benchmark("decode_trace", "Where a decode step's time goes (3 peers, batch 1)", "decode_trace.py", [],
+              ["--new-tokens", "8"]),
     Benchmark("prefill", "Prefill of a 512-token prompt", "prefill.py", [], ["--runs", "1", "--tokens", "128"]),
     Benchmark("finetune", "Training step per tuning mode", "finetune.py", [], ["--steps", "1"]),
     Benchmark("tuning_methods", "Tuning methods: parameters, bytes, step time, loss", "tuning_methods.py", [],

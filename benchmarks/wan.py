@@ -6,9 +6,10 @@ each peer in turn: 3 round trips. With server-to-server push (when the client ha
 setting) hidden states go client -> p1 -> p2 -> p3 -> client: 4 one-way hops = 2 round trips.
 So the limit is 1 / (round_trips x RTT + compute), where compute is the same step measured
 in the same run with the proxies at 0 ms (loopback, proxies still in the path).
-Prints one JSON line.
+Also a prompt-tuning training step (batch 4 x 64, as benchmarks/finetune.py) at loopback and
+at the delay. Prints one JSON line.
 
-    python benchmarks/wan.py [--delay-ms 10] [--new-tokens 32] [--runs 3]
+    python benchmarks/wan.py [--delay-ms 10] [--new-tokens 32] [--runs 3] [--train-steps 3]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from client import AutoDistributedModelForCausalLM, SwarmSettings
 from swarm.checkpoint import DEFAULT_MODEL
 
+from finetune import swarm_step, timed_steps
 from proxied_swarm import ProxiedSwarm
 from step_clock import decode_seconds_per_token
 
@@ -46,7 +48,9 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=10.0, help="one-way delay in front of each peer")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=3, help="ptune steps timed per delay (0: none)")
     args = parser.parse_args()
+    default_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the client only embeds and applies the head; leave the cores to peers
     rtt = 2 * args.delay_ms / 1000
     modes = push_modes()
@@ -65,6 +69,15 @@ def main() -> None:
                 tokens[(mode, delay)] = out
         for model in models.values():
             model.swarm.shutdown()
+        train = {}
+        if args.train_steps:
+            torch.set_num_threads(default_threads)  # as finetune.py: a batch's head backward uses the cores
+            step, tuned = swarm_step(swarm.initial_peers, "ptune", torch.randint(100, 20000, (4, 64),
+                                                                                generator=torch.Generator().manual_seed(0)))
+            for delay in (0.0, args.delay_ms):
+                swarm.proxy.set_delay(delay)
+                train["loopback" if delay == 0 else "wan"] = round(timed_steps(step, args.train_steps), 3)
+            tuned.swarm.shutdown()
     report = {}
     for mode, times in results.items():
         trips = round_trips(mode, len(SPANS))
@@ -84,6 +97,7 @@ def main() -> None:
         "benchmark": "wan", "model": DEFAULT_MODEL, "peers": len(SPANS), "delay_ms_each_way": args.delay_ms,
         "rtt_ms": rtt * 1000, "new_tokens": args.new_tokens, "runs": args.runs,
         "push_available": "push_on" in modes, "modes": report,
+        "train_step_s": {"ptune": train.get("wan"), "ptune_loopback": train.get("loopback")},
         "same_tokens": all(torch.equal(out, reference) for out in tokens.values()),
     }))
 
