@@ -22,9 +22,9 @@ The protocol, all source-routed by the client:
   session id) of every later peer of that run, in order.
 - A peer that ran a step with `push_to` calls `Push(session_id, step)` on `push_to[0]`, the
   step carrying its output as hidden states (in the session's response codec, exactly what
-  the client would have forwarded) and `push_to[1:]` as its own targets. It does so in the
-  background while it answers its client: the session goes on at once, and a slow or dead
-  next peer never delays this peer's own answer.
+  the client would have forwarded) and `push_to[1:]` as its own targets. It answers its
+  client once the push is acknowledged, or after ANSWER_AFTER_PUSH_MAX_WAIT at most, so a
+  slow or dead next peer barely delays this peer's own answer.
 - The target peer puts the pushed step in the session's inbox; the session takes it as if
   its client had sent it on the session's stream: same decoding and checks, same position
   and rollback rules, same answer to the client, and it pushes on in turn. Pushes also keep
@@ -65,6 +65,9 @@ PUSH_TIMEOUT = 5.0
 # Pushed steps waiting in one session. The client sends a step only after the last one came
 # back, so a well-behaved chain has at most one in flight; this bounds a misbehaving pusher.
 MAX_QUEUED_PUSHES = 4
+# Seconds a peer holds its own answer back while its push is acknowledged (~1 ms on loopback),
+# so the two do not compete for the cores; past it the answer goes anyway.
+ANSWER_AFTER_PUSH_MAX_WAIT = 0.05
 MAX_TARGETS = 256  # hops after this one; more than any chain of distinct spans needs
 MAX_ENDPOINT_CHARS = 300
 MAX_SESSION_ID_CHARS = 256
@@ -171,11 +174,13 @@ class PushRouter:
 
     # --- sending ---------------------------------------------------------------------------
 
-    def push_on(self, step: swarm_pb2.InferenceStep, output: swarm_pb2.Tensor, inbox: SessionInbox) -> None:
+    def push_on(self, step: swarm_pb2.InferenceStep, output: swarm_pb2.Tensor,
+                inbox: SessionInbox) -> asyncio.Task | None:
         """If `step` asks for it, sends `output` on to the next peer as that peer's input for
-        the same step. Returns at once; a failure ends up in `inbox` as PushFailed."""
+        the same step; returns the sending task (None: no push). A failure ends up in `inbox`
+        as PushFailed."""
         if not step.push_to:
-            return
+            return None
         target = step.push_to[0]
         request = swarm_pb2.PushRequest(session_id=target.session_id)
         onward = request.step
@@ -185,6 +190,7 @@ class PushRouter:
         task = asyncio.ensure_future(self._send(target.endpoint, request, inbox))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _send(self, endpoint: str, request: swarm_pb2.PushRequest, inbox: SessionInbox) -> None:
         try:
