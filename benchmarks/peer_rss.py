@@ -5,8 +5,8 @@ weights of their span plus the KV cache of the sessions they serve. Prints one J
 
 3 peers (0:10, 10:20, 20:30, float32) on loopback; a client generates --new-tokens tokens
 (the KV cache is filled), then RSS (VmRSS) and peak (VmHWM) of every peer process are read
-with psutil. One training step (batch 4, seq 64) follows and RSS is read again, since
-backward's temporaries can leave the allocator holding more.
+with psutil. One training step (batch 4, seq 64) follows and RSS is read again once the peers
+have been idle long enough to hand freed memory back (peer/runtime.py, IDLE_TRIM_SECONDS).
 
 "floor": a process that imports what a peer imports (torch, transformers' modeling module,
 grpc, hivemind, the peer package) and runs one small op, holding no weights; "net" figures
@@ -20,6 +20,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 
 import psutil
 import torch
@@ -28,6 +29,7 @@ from safetensors import safe_open
 from client import AutoDistributedModelForCausalLM
 from client.local_swarm import LocalSwarm
 from peer.memory import bytes_per_token
+from peer.runtime import IDLE_TRIM_SECONDS
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 from swarm.models import get_family
 
@@ -90,6 +92,7 @@ def main() -> None:
         model.train()
         batch = torch.randint(100, 20000, (4, 64))
         model(input_ids=batch, labels=batch).loss.backward()
+        time.sleep(IDLE_TRIM_SECONDS + 1)  # a peer hands freed memory back once idle that long
         after_training = [memory_of(proc.pid) for proc in swarm.peer_procs]
         model.swarm.shutdown()
     peers = []

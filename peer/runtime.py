@@ -35,6 +35,8 @@ from swarm.heap import release_freed_memory
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Seconds without work after a heavy job (training, prefill) before freed memory goes back to the OS.
+IDLE_TRIM_SECONDS = 1.0
 
 
 class Priority(enum.IntEnum):
@@ -106,23 +108,28 @@ class ComputeRuntime:
         import torch  # here, not at import: `swarm peer --help` must stay instant
 
         default = self.threads or torch.get_num_threads()
+        trim_when_idle = False
         while True:
-            job = self._queue.get()
+            try:
+                job = self._queue.get(timeout=IDLE_TRIM_SECONDS if trim_when_idle else None)
+            except queue.Empty:
+                # Heavy work is over for now: a training call's activations are freed but glibc
+                # keeps them (measured: a peer held 1.9x its weights + cache after one step
+                # instead of 1.1x). Not after every call: the next call of a training run would
+                # fault all those pages back in.
+                release_freed_memory()
+                trim_when_idle = False
+                continue
             if job.fn is None:
                 return
             want = (self.light_threads or default) if job.light else default
             if torch.get_num_threads() != want:
                 torch.set_num_threads(want)  # ~microseconds; changes only between jobs
             self._run(job)
-            heavy = not job.light
+            trim_when_idle = trim_when_idle or not job.light
             # Let go now, not when the next job arrives: an idle worker must not keep the last
             # request's tensors (a training batch, a closed session's KV cache) alive.
             del job
-            if heavy and self._queue.empty():
-                # A training call's activations are freed but glibc keeps them: measured, a peer
-                # held 1.9x its weights + cache after one step instead of 1.1x. Trimming costs
-                # ~1 ms, paid only when nothing waits.
-                release_freed_memory()
 
     def _run(self, job: _Job) -> None:
         assert job.future is not None and job.loop is not None
