@@ -57,6 +57,19 @@ class SpanGraph:
         self.outputs, self.inputs, self.prompts, self.adapters = outputs, inputs, prompts, adapters
         self.nbytes = nbytes  # what autograd saved for backward: the memory this graph holds
 
+    def matches(self, hidden_states: torch.Tensor, deep_prompts: torch.Tensor | None,
+                adapters: list[AdapterSet]) -> bool:
+        """Whether these are exactly the inputs, deep prompts and tuning tensors this graph was built
+        from. A peer checks before answering a Backward from a kept graph (a memcmp of what was sent,
+        ~0.1 ms for 4 x 64 tokens): a client that reuses an id with other inputs gets a
+        recomputation, never a wrong gradient."""
+        if not _same_tensor(self.inputs, hidden_states) or not _same_tensor(self.prompts, deep_prompts):
+            return False
+        if len(self.adapters) != len(adapters):
+            return False
+        return all(kept.keys() == sent.tensors.keys() and all(_same_tensor(kept[k], sent.tensors[k]) for k in kept)
+                   for kept, sent in zip(self.adapters, adapters))
+
     def backward(self, grad_outputs: torch.Tensor) -> SpanGrads:
         """Gradients of ``(outputs * grad_outputs).sum()``; frees the graph (one use only)."""
         if self.outputs is None:
@@ -76,6 +89,12 @@ class SpanGraph:
             result.deep_prompts = grads.pop(0)
         result.adapters = [{name: grads.pop(0) for name in tensors} for tensors in self.adapters]
         return result
+
+
+def _same_tensor(kept: torch.Tensor | None, sent: torch.Tensor | None) -> bool:
+    if kept is None or sent is None:
+        return kept is sent
+    return kept.shape == sent.shape and kept.dtype == sent.dtype and torch.equal(kept.detach(), sent)
 
 
 class _SavedBytes:

@@ -6,16 +6,55 @@ processes (tests/integration/test_peer_*.py).
 
 from __future__ import annotations
 
+import asyncio
 import queue
+import threading
+from typing import Callable
 
 import grpc
 import torch
 
+from peer.runtime import ComputeRuntime
 from swarm.blocks import BlockSpan
 from swarm.tuning import AdapterSet, LoRA
-from swarm.wire import serialize_tensor, swarm_pb2
+from swarm.wire import serialize_tensor, swarm_pb2, swarm_pb2_grpc
 
 pb = swarm_pb2
+
+
+class BackgroundServer:
+    """A grpc.aio server on 127.0.0.1 whose event loop runs on a background thread, with the
+    compute runtime its servicers share and a blocking stub for the test to call."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.runtime = ComputeRuntime()
+
+    def start(self, register: Callable[[grpc.aio.Server], None]) -> None:
+        """Starts the server with what `register` adds to it and connects `self.stub`."""
+        async def serve():
+            server = grpc.aio.server()
+            register(server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            return server, port
+
+        self.server, port = self.call(serve())
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = swarm_pb2_grpc.BlockServiceStub(self.channel)
+
+    def call(self, coro, timeout: float = 30.0):
+        """Runs `coro` on the server's loop and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.call(self.server.stop(0))
+        self.runtime.shutdown()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
 
 
 def span_inputs(model_id: str, start: int, end: int, hidden: torch.Tensor | None, *,

@@ -8,7 +8,6 @@ idle timeout and shutdown of open sessions.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 
@@ -18,13 +17,13 @@ import torch
 
 from peer.config import PeerLimits
 from peer.memory import CacheBudget
-from peer.runtime import ComputeRuntime
 from peer.service import BlockService, ServedModel
 from swarm.checkpoint import resolve_checkpoint
 from swarm.loading import load_span
 from swarm.tuning.prefix import PrefixTuning
 from swarm.wire import deserialize_tensor, serialize_tensor, swarm_pb2, swarm_pb2_grpc
 from tests.peer.rpc_helpers import (
+    BackgroundServer,
     SessionStream,
     lora_for,
     open_request,
@@ -40,38 +39,16 @@ HIDDEN = 576
 Code = grpc.StatusCode
 
 
-class InProcessPeer:
+class InProcessPeer(BackgroundServer):
     """BlockService on a grpc.aio server whose event loop runs on a background thread."""
 
     def __init__(self, span, *, cache_tokens: int = 4096, session_timeout: float = 30.0,
                  limits: PeerLimits = PeerLimits(max_batch_size=4, max_seq_length=128)) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.runtime = ComputeRuntime()
+        super().__init__()
         self.budget = CacheBudget(cache_tokens)
         served = ServedModel(model_id=MODEL_ID, model_name="smollm2-135m-instruct", num_blocks=30, throughput=1.0)
         self.service = BlockService(span, served, self.runtime, self.budget, limits, session_timeout)
-        self.server, port = self.call(self._start())
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        self.stub = swarm_pb2_grpc.BlockServiceStub(self.channel)
-
-    async def _start(self):
-        server = grpc.aio.server()
-        swarm_pb2_grpc.add_BlockServiceServicer_to_server(self.service, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    def call(self, coro, timeout: float = 30.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.channel.close()
-        self.call(self.server.stop(0))
-        self.runtime.shutdown()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        self.start(lambda server: swarm_pb2_grpc.add_BlockServiceServicer_to_server(self.service, server))
 
 
 @pytest.fixture(scope="module")

@@ -3,59 +3,33 @@ of its current span; in this process over real gRPC."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import grpc
 import pytest
 import torch
 
 from peer.config import PeerLimits
 from peer.memory import CacheBudget
-from peer.runtime import ComputeRuntime
 from peer.registration import add_to_server
 from peer.service import BlockService, ServedModel
 from peer.span_switch import SpanSwitch
 from swarm.checkpoint import resolve_checkpoint
 from swarm.loading import load_span
-from swarm.wire import swarm_pb2, swarm_pb2_grpc
-from tests.peer.rpc_helpers import SessionStream, open_request, span_inputs, step_request
+from swarm.wire import swarm_pb2
+from tests.peer.rpc_helpers import BackgroundServer, SessionStream, open_request, span_inputs, step_request
 
 pb = swarm_pb2
 MODEL_ID = "smollm2-135m-instruct-testtest"
 
 
-class SwitchedPeer:
+class SwitchedPeer(BackgroundServer):
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.runtime = ComputeRuntime()
+        super().__init__()
         self.switch = SpanSwitch()
-        self.server, port = self.call(self._start())
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        self.stub = swarm_pb2_grpc.BlockServiceStub(self.channel)
-
-    async def _start(self):
-        server = grpc.aio.server()
-        add_to_server(self.switch, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
+        self.start(lambda server: add_to_server(self.switch, server))
 
     def service(self, span) -> BlockService:
         served = ServedModel(model_id=MODEL_ID, model_name="smollm2-135m-instruct", num_blocks=30, throughput=1.0)
         return BlockService(span, served, self.runtime, CacheBudget(1024), PeerLimits(), 30.0)
-
-    def call(self, coro, timeout: float = 30.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.channel.close()
-        self.call(self.server.stop(0))
-        self.runtime.shutdown()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @pytest.fixture(scope="module")
