@@ -12,6 +12,23 @@ import sys
 import time
 
 QUESTION = "What is the capital of France? Answer in one sentence."
+MAX_NEW_TOKENS = 64
+
+
+def chat_inputs(tokenizer, question: str = QUESTION) -> dict:
+    """The question as the model's chat template puts it, ready for `generate`."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, return_tensors="pt")
+
+
+def answer(model, tokenizer, question: str = QUESTION) -> tuple[str, int]:
+    """The demo's greedy answer to `question` and how many tokens it took: any causal LM
+    with `generate` (ours through the swarm, or a local transformers model to compare)."""
+    inputs = chat_inputs(tokenizer, question)
+    output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    new = output[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)
 
 
 def main() -> int:
@@ -29,17 +46,12 @@ def main() -> int:
         for span, endpoint in zip(spans, swarm.endpoints):
             print(f"  peer {endpoint} serves blocks {span}")
         model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=swarm.initial_peers)
-        tokenizer = model.tokenizer
-        text = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
-                                             add_generation_prompt=True)
-        inputs = tokenizer(text, return_tensors="pt")
         print(f"\nuser: {QUESTION}\nassistant: ", end="", flush=True)
         start = time.perf_counter()
-        output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+        text, tokens = answer(model, model.tokenizer)
         elapsed = time.perf_counter() - start
-        new = output[0, inputs["input_ids"].shape[1]:]
-        print(tokenizer.decode(new, skip_special_tokens=True).strip())
-        print(f"\n[{len(new)} tokens through 3 peers in {elapsed:.2f} s: {len(new) / elapsed:.1f} tokens/s]")
+        print(text)
+        print(f"\n[{tokens} tokens through 3 peers in {elapsed:.2f} s: {tokens / elapsed:.1f} tokens/s]")
         model.swarm.shutdown()
     return 0
 

@@ -17,6 +17,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from swarm.checkpoint import resolve_checkpoint, config_fingerprint
+from swarm.compat import cache_kwargs, pop_cache
 from swarm.loading import load_client_parts
 from swarm.models import ClientParts, get_family
 from swarm.registry import make_model_id
@@ -154,7 +155,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: RemoteCache | None = None,
+        cache: RemoteCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -163,11 +164,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        # generate names the cache `cache` from transformers 5.24 on, `past_key_values` before.
+        cache = pop_cache(kwargs, cache)
         hidden = self.client.embed(input_ids) if inputs_embeds is None else inputs_embeds
         tuning = self.tuning
         prefix = tuning.prefix_length if tuning is not None else 0
-        if isinstance(past_key_values, RemoteCache):
-            session = past_key_values.session
+        if isinstance(cache, RemoteCache):
+            session = cache.session
             new = hidden.shape[1]
             new_mask = attention_mask[:, -new:] if attention_mask is not None else None
             if prefix and session.position == 0:
@@ -176,7 +179,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids = None  # peers count positions from the mask, which includes the prompts
             if new_mask is not None and bool(new_mask.all()):
                 new_mask = None  # no padding here: peers extend their mask with ones themselves
-            hidden = session.step(hidden, new_mask, position_ids, past_key_values.take_hypo_ids())
+            hidden = session.step(hidden, new_mask, position_ids, cache.take_hypo_ids())
             if prefix and hidden.shape[1] > new:
                 hidden = hidden[:, -new:]
         else:
@@ -200,17 +203,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = ForCausalLMLoss(logits.float(), labels, vocab_size=self.config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_kwargs(cache))
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None,
                  **kwargs):
         """transformers' generate, with the KV cache on the peers."""
-        if kwargs.get("past_key_values") is not None or kwargs.get("use_cache") is False:
+        if any(kwargs.get(name) is not None for name in ("cache", "past_key_values")) or kwargs.get("use_cache") is False:
             return super().generate(inputs, *args, **kwargs)
         if session is not None:
             return self._continue_session(session, inputs, *args, **kwargs)
         with self.inference_session(self._max_length_for(inputs, kwargs)) as active:
-            output = super().generate(inputs, *args, past_key_values=RemoteCache(active), **kwargs)
+            output = super().generate(inputs, *args, **cache_kwargs(RemoteCache(active)), **kwargs)
         return output
 
     def _continue_session(self, session: InferenceSession, inputs: torch.Tensor | None, *args, **kwargs):
@@ -232,7 +235,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         elif pending is not None:
             new_mask = torch.cat([torch.ones_like(pending), new_mask.to(inputs.device)], dim=1)
         mask = torch.cat([new_mask.new_ones(inputs.shape[0], history), new_mask], dim=1)
-        output = super().generate(inputs, *args, attention_mask=mask, past_key_values=RemoteCache(session), **kwargs)
+        output = super().generate(inputs, *args, attention_mask=mask, **cache_kwargs(RemoteCache(session)), **kwargs)
         session.pending_tokens = output[:, -1:]
         return output[:, pending.shape[1]:] if pending is not None else output
 

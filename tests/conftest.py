@@ -6,7 +6,19 @@ from typing import Iterator
 
 import pytest
 
+from tests.deprecations import deprecations_are_errors
 from tests.procs import running, wait_for_line
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """A deprecation that transformers, PEFT or hivemind raise on our call fails the test."""
+    with deprecations_are_errors() as found:
+        result = yield
+    if found:
+        pytest.fail("our code calls a deprecated dependency API (renamed upstream soon):\n  "
+                    + "\n  ".join(dict.fromkeys(found)), pytrace=False)
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,8 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from swarm.compat import cache_kwargs
+
 # Called before block i (global index) with the hidden states entering it; returns what
 # actually enters the block (deep prompts add themselves here).
 BeforeBlock = Callable[[int, torch.Tensor], torch.Tensor]
@@ -189,7 +191,7 @@ class ModelFamily:
         functions, exactly as the family's model forward builds them."""
         kwargs = dict(
             config=span_config, inputs_embeds=hidden_states, attention_mask=attention_mask,
-            past_key_values=cache, position_ids=position_ids,
+            position_ids=position_ids, **cache_kwargs(cache),
         )
         layer_types = getattr(span_config, "layer_types", None)
         if layer_types is None:
@@ -229,8 +231,8 @@ class ModelFamily:
                 hidden_states,
                 attention_mask=masks[i],
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **cache_kwargs(cache),
                 position_embeddings=position_embeddings[i],
             )
         return hidden_states

@@ -15,7 +15,9 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
-from transformers.models.bloom.modeling_bloom import _get_alibi_slopes, build_alibi_tensor
+from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+from swarm.compat import cache_kwargs
 
 from .base import BeforeBlock, ModelFamily
 
@@ -61,15 +63,13 @@ class BloomFamily(ModelFamily):
     ) -> torch.Tensor:
         batch, seq, _ = hidden_states.shape
         num_heads = span_config.n_head
-        if attention_mask is None:
+        mask = attention_mask
+        if mask is None:  # no padding: ALiBi's positions are 0..kv_length-1 for every row
             kv_length = cache.get_mask_sizes(seq, 0)[0] if cache is not None else seq
-            slopes = _get_alibi_slopes(num_heads, hidden_states.device)
-            alibi = slopes[:, None, None] * torch.arange(kv_length, device=hidden_states.device)
-            alibi = alibi.repeat(batch, 1, 1).to(hidden_states.dtype)
-        else:
-            alibi = build_alibi_tensor(attention_mask, num_heads, dtype=hidden_states.dtype)
+            mask = torch.ones(batch, kv_length, dtype=torch.long, device=hidden_states.device)
+        alibi = build_alibi_tensor(mask, num_heads, dtype=hidden_states.dtype)
         causal_mask = create_causal_mask(
-            config=span_config, inputs_embeds=hidden_states, attention_mask=attention_mask, past_key_values=cache,
+            config=span_config, inputs_embeds=hidden_states, attention_mask=attention_mask, **cache_kwargs(cache),
         )
         for i, layer in enumerate(layers):
             if before_block is not None:

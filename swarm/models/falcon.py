@@ -19,6 +19,8 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
+from swarm.compat import cache_kwargs
+
 from .base import BeforeBlock, ModelFamily
 
 
@@ -60,7 +62,7 @@ class FalconFamily(ModelFamily):
             alibi = build_alibi_tensor(mask, num_heads, dtype=hidden_states.dtype)
         causal_mask = create_causal_mask(
             config=span_config, inputs_embeds=hidden_states, attention_mask=attention_mask,
-            past_key_values=cache, allow_is_causal_skip=False,  # materialised, so ALiBi can be added
+            **cache_kwargs(cache), allow_is_causal_skip=False,  # materialised, so ALiBi can be added
         )
         if alibi is not None and causal_mask is not None and causal_mask.ndim == 4:
             min_dtype = torch.finfo(hidden_states.dtype).min

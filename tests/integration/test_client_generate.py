@@ -29,6 +29,7 @@ def local():
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.compat
 def test_greedy_matches_local(model, local, prompt):
     inputs = model.tokenizer(prompt, return_tensors="pt")
     ours = model.generate(**inputs, max_new_tokens=24, do_sample=False)
@@ -36,6 +37,7 @@ def test_greedy_matches_local(model, local, prompt):
     assert ours.tolist() == theirs.tolist()
 
 
+@pytest.mark.compat
 def test_batch_with_left_padding_matches_local(model, local):
     tokenizer = model.tokenizer
     tokenizer.padding_side = "left"
@@ -47,6 +49,7 @@ def test_batch_with_left_padding_matches_local(model, local):
     assert ours.tolist() == theirs.tolist()
 
 
+@pytest.mark.compat
 def test_sampling_with_seed_matches_local(model, local):
     inputs = model.tokenizer("Once upon a time", return_tensors="pt")
     options = dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.3, max_new_tokens=20)
@@ -57,6 +60,7 @@ def test_sampling_with_seed_matches_local(model, local):
     assert ours.tolist() == theirs.tolist()
 
 
+@pytest.mark.compat
 def test_beam_search_matches_local(model, local):
     inputs = model.tokenizer("The meaning of life is", return_tensors="pt")
     ours = model.generate(**inputs, num_beams=3, max_new_tokens=10, do_sample=False)
@@ -64,6 +68,7 @@ def test_beam_search_matches_local(model, local):
     assert ours.tolist() == theirs.tolist()
 
 
+@pytest.mark.compat
 def test_eos_stops_and_streamer_streams(model, local, capsys):
     tokenizer = model.tokenizer
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], tokenize=False,
@@ -78,6 +83,7 @@ def test_eos_stops_and_streamer_streams(model, local, capsys):
     assert new_text.strip() and new_text.strip() in capsys.readouterr().out
 
 
+@pytest.mark.compat
 def test_loss_and_logits_match_local(model, local):
     inputs = model.tokenizer(["A quick brown fox jumps over the lazy dog"], return_tensors="pt")
     with torch.no_grad():
@@ -92,3 +98,13 @@ def test_model_parameters_are_only_the_clients(model):
     assert names == {"client"}
     assert sum(p.numel() for p in model.parameters()) == model.config.vocab_size * model.config.hidden_size \
         + model.config.hidden_size  # tied embeddings/head + final norm: no block weights on the client
+
+
+@pytest.mark.compat
+def test_demo_answers_as_local_transformers(model, local):
+    """`make demo`'s own code path: its answer is local transformers' greedy answer."""
+    from client.demo import answer
+
+    ours, _ = answer(model, model.tokenizer)
+    theirs, _ = answer(local, model.tokenizer)
+    assert ours == theirs == "The capital of France is Paris."

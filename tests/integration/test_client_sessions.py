@@ -22,6 +22,7 @@ def model(swarm):
     model.swarm.shutdown()
 
 
+@pytest.mark.compat
 def test_three_chat_turns_in_one_session_match_local_full_history(swarm, model):
     local = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(DEFAULT_MODEL).folder).eval()
     tokenizer = model.tokenizer

@@ -76,6 +76,7 @@ def test_default_mode_trains_client_embeddings_norm_and_head(swarm, folder):
     model.swarm.shutdown()
 
 
+@pytest.mark.compat
 def test_ptune_grads_match_local(swarm, folder):
     model = distributed(swarm, tuning_mode="ptune", pre_seq_len=PREFIX)
     ids = token_ids(model)
@@ -128,6 +129,7 @@ def lora_pair(swarm, folder):
     return model, peft_model
 
 
+@pytest.mark.compat
 def test_lora_grads_match_peft(swarm, folder):
     model, peft_model = lora_pair(swarm, folder)
     ids = token_ids(model)
@@ -163,6 +165,7 @@ def test_adam_halves_the_loss(swarm, mode):
     model.swarm.shutdown()
 
 
+@pytest.mark.compat
 def test_exported_lora_loads_into_peft_with_same_logits_and_tokens(swarm, folder, tmp_path):
     model, _ = lora_pair(swarm, folder)
     model.save_adapter(tmp_path)

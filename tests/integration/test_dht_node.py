@@ -39,6 +39,7 @@ def peer_record(dht: hivemind.DHT, start: int, end: int, port: int) -> PeerRecor
                       dtype="float32", version="0.1.0", fingerprint=f"weights-{start}-{end}")
 
 
+@pytest.mark.compat
 def test_dht_node_serves_records_and_stops_cleanly(tmp_path):
     maddr_file = tmp_path / "maddrs.txt"
     args = ["python", "-m", "swarm.dht_node", "--host", "127.0.0.1", "--maddr-file", str(maddr_file)]

@@ -89,6 +89,7 @@ def test_batch_with_left_padding_through_push_matches_local(model, local):
     assert pushed == [0, 8, 8]
 
 
+@pytest.mark.compat
 def test_rolling_back_through_push_matches_local(model, local):
     """A step at an earlier position replaces what followed it, on every peer of the chain."""
     ids = model.tokenizer("One two three four five six", return_tensors="pt")["input_ids"]

@@ -28,6 +28,7 @@ from swarm.tuning import BottleneckAdapter, LoRA, PrefixTuning
 from swarm.tuning.bottleneck import attach_to_model
 from swarm.wire import serialize_tensor, swarm_pb2, swarm_pb2_grpc
 from tests.peer.rpc_helpers import SessionStream, open_request, span_inputs
+from tests.reference import greedy_without_cache
 from tests.swarm.test_tuning_methods import peft_ia3, peft_prefix, with_reference_adapters
 
 pytestmark = pytest.mark.integration
@@ -223,7 +224,10 @@ def test_trained_method_exports_reloads_and_generates_like_local(swarm, folder, 
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, atol=1e-4, rtol=1e-4)
     ours = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    theirs = reference.generate(**inputs, max_new_tokens=12, do_sample=False)
+    if name == "prefix":  # PEFT's own generate drops its prefix on transformers 5.24 (see tests/reference.py)
+        theirs = greedy_without_cache(reference, inputs["input_ids"], inputs["attention_mask"], new_tokens=12)
+    else:
+        theirs = reference.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert ours.tolist() == theirs.tolist()
     # Back into swarmlm: the exact tensors, in a model whose only trainable parameters are the method's.
     reloaded = distributed(swarm, adapter=tmp_path)

@@ -54,6 +54,7 @@ def assert_grads_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 # --- forward and generation -------------------------------------------------------------------------
 
 
+@pytest.mark.compat
 def test_prefill_logits_match_transformers(smollm2_model, smollm2_tokenizer, smollm2_spans, smollm2_parts,
                                            spans_forward):
     ids = token_ids(smollm2_tokenizer, PROMPTS[1])
@@ -63,6 +64,7 @@ def test_prefill_logits_match_transformers(smollm2_model, smollm2_tokenizer, smo
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.compat
 def test_greedy_from_span_caches_matches_generate(smollm2_model, smollm2_tokenizer, smollm2_spans, smollm2_parts,
                                                   greedy_from_spans, greedy_from_model):
     ids = token_ids(smollm2_tokenizer, PROMPTS[0])
@@ -72,6 +74,7 @@ def test_greedy_from_span_caches_matches_generate(smollm2_model, smollm2_tokeniz
     assert actual.tolist() == expected.tolist(), smollm2_tokenizer.batch_decode(torch.cat([actual, expected]))
 
 
+@pytest.mark.compat
 def test_left_padded_batch_matches_batched_generate(smollm2_model, smollm2_tokenizer, smollm2_spans, smollm2_parts,
                                                     greedy_from_spans, greedy_from_model):
     batch = smollm2_tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")

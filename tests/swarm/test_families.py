@@ -25,6 +25,8 @@ from swarm.tuning import AdapterSet, LoRA
 from tests.swarm.test_blocks import assert_grads_close, chained_backward, chained_forward
 from tests.swarm.test_models import TINY_CONFIGS, TinyModel, prompt_ids
 
+pytestmark = pytest.mark.compat  # every non-Llama family leans on its transformers layers
+
 NEW_FAMILIES = ["mixtral", "gemma3_text", "falcon", "falcon-alibi", "bloom", "phi3"]
 RANK, ALPHA = 4, 8.0
 

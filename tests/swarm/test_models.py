@@ -65,6 +65,9 @@ def tiny_model(name: str) -> PreTrainedModel:
     return model
 
 
+pytestmark = pytest.mark.compat  # every family leans on its transformers layers, masks and cache
+
+
 class TinyModel:
     def __init__(self, model_type: str, folder: Path):
         self.model = tiny_model(model_type)

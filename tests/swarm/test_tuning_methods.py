@@ -24,6 +24,7 @@ from swarm.tuning import (AdapterError, AdapterSet, BottleneckAdapter, ExportTar
                           method_from_json)
 from swarm.tuning.bottleneck import attach_to_model
 from swarm.tuning.prefix import flatten_prefix
+from tests.reference import greedy_without_cache
 
 BOUNDS = [(0, 2), (2, 4)]
 TARGET = ExportTarget("model.layers", "tiny-llama")
@@ -210,6 +211,7 @@ def greedy_through_spans(tiny, spans, ids, mask, method, tensors, new_tokens: in
     return torch.cat(generated, dim=1)
 
 
+@pytest.mark.compat
 def test_prefix_generates_like_peft_with_padding(tiny, spans, family):
     method = PrefixTuning(num_virtual_tokens=3)
     tensors = random_tensors(family, method, seed=4, scale=1.0)
@@ -217,12 +219,11 @@ def test_prefix_generates_like_peft_with_padding(tiny, spans, family):
     ids = torch.tensor([[0, 0, 5, 17, 42], [8, 63, 21, 9, 77]])  # left-padded batch
     mask = (ids != 0).long()
     ours = greedy_through_spans(tiny, spans, ids, mask, method, tensors, new_tokens=6)
-    with torch.no_grad():
-        theirs = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                    min_new_tokens=6, eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:]
+    theirs = greedy_without_cache(reference, ids, mask, new_tokens=6)[:, ids.shape[1]:]
     assert ours.tolist() == theirs.tolist()
 
 
+@pytest.mark.compat
 def test_prefix_session_matches_forward_and_rolls_back(tiny, spans, family):
     span = spans[1]
     method = PrefixTuning(num_virtual_tokens=3)
@@ -303,6 +304,7 @@ def test_bottleneck_grads_match_plain_modules(tiny, spans, family, placement):
 
 
 @pytest.mark.parametrize("method", [IA3(), PrefixTuning(num_virtual_tokens=3)], ids=["ia3", "prefix"])
+@pytest.mark.compat
 def test_peft_files_load_into_peft(tiny, spans, family, method, tmp_path):
     tensors = random_tensors(family, method, seed=7, scale=0.5)
     assert method.save_files(tmp_path, tensors, TARGET)
