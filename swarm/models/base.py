@@ -222,23 +222,38 @@ class ModelFamily:
         cache: Cache | None,
         before_block: BeforeBlock | None = None,
     ) -> torch.Tensor:
-        masks = self.layer_masks(span_config, hidden_states, attention_mask, position_ids, cache)
-        position_embeddings = self.layer_position_embeddings(rotary, span_config, hidden_states, position_ids)
+        arguments = self.layer_arguments(rotary, span_config, hidden_states, attention_mask, position_ids, cache)
         for i, layer in enumerate(layers):
             if before_block is not None:
                 hidden_states = before_block(start + i, hidden_states)
-            hidden_states = layer(
-                hidden_states,
-                attention_mask=masks[i],
-                position_ids=position_ids,
-                use_cache=cache is not None,
-                **cache_kwargs(cache),
-                position_embeddings=position_embeddings[i],
-            )
+            output = layer(hidden_states, **arguments[i])
+            hidden_states = output[0] if isinstance(output, tuple) else output  # older layouts return a tuple
         return hidden_states
+
+    def layer_arguments(self, rotary: nn.Module, span_config: PretrainedConfig, hidden_states: torch.Tensor,
+                        attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                        cache: Cache | None) -> list[dict]:
+        """The keyword arguments each layer of the span gets besides the hidden states, as the
+        family's model forward passes them; built once per forward (masks, rotary)."""
+        masks = self.layer_masks(span_config, hidden_states, attention_mask, position_ids, cache)
+        position_embeddings = self.layer_position_embeddings(rotary, span_config, hidden_states, position_ids)
+        shared = dict(position_ids=position_ids, use_cache=cache is not None, **cache_kwargs(cache))
+        return [dict(shared, attention_mask=masks[i], position_embeddings=position_embeddings[i])
+                for i in range(span_config.num_hidden_layers)]
 
     def layer_position_embeddings(self, rotary: nn.Module, span_config: PretrainedConfig,
                                   hidden_states: torch.Tensor, position_ids: torch.Tensor) -> list:
         """The rotary (cos, sin) each layer gets: one pair for all, computed once per forward."""
         position_embeddings = rotary(hidden_states, position_ids=position_ids)
         return [position_embeddings] * span_config.num_hidden_layers
+
+
+def alibi_positions_mask(attention_mask: torch.Tensor | None, hidden_states: torch.Tensor,
+                         cache: Cache | None) -> torch.Tensor:
+    """The mask ALiBi's positions are counted from: the caller's, or with no padding all ones
+    over the cached and the new tokens."""
+    if attention_mask is not None:
+        return attention_mask
+    batch, seq, _ = hidden_states.shape
+    past = cache.get_seq_length() if cache is not None else 0
+    return torch.ones(batch, past + seq, dtype=torch.long, device=hidden_states.device)

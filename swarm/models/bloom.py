@@ -19,7 +19,7 @@ from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
 from swarm.compat import cache_kwargs
 
-from .base import BeforeBlock, ModelFamily
+from .base import ModelFamily, alibi_positions_mask
 
 
 class BloomFamily(ModelFamily):
@@ -49,32 +49,13 @@ class BloomFamily(ModelFamily):
     def build_input_norm(self) -> nn.Module:
         return nn.LayerNorm(self.config.hidden_size, eps=self.config.layer_norm_epsilon)
 
-    def run_layers(
-        self,
-        layers: nn.ModuleList,
-        rotary: nn.Module,
-        span_config: PretrainedConfig,
-        start: int,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        cache: Cache | None,
-        before_block: BeforeBlock | None = None,
-    ) -> torch.Tensor:
-        batch, seq, _ = hidden_states.shape
-        num_heads = span_config.n_head
-        mask = attention_mask
-        if mask is None:  # no padding: ALiBi's positions are 0..kv_length-1 for every row
-            kv_length = cache.get_mask_sizes(seq, 0)[0] if cache is not None else seq
-            mask = torch.ones(batch, kv_length, dtype=torch.long, device=hidden_states.device)
-        alibi = build_alibi_tensor(mask, num_heads, dtype=hidden_states.dtype)
+    def layer_arguments(self, rotary: nn.Module, span_config: PretrainedConfig, hidden_states: torch.Tensor,
+                        attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                        cache: Cache | None) -> list[dict]:
+        mask = alibi_positions_mask(attention_mask, hidden_states, cache)
+        alibi = build_alibi_tensor(mask, span_config.n_head, dtype=hidden_states.dtype)
         causal_mask = create_causal_mask(
             config=span_config, inputs_embeds=hidden_states, attention_mask=attention_mask, **cache_kwargs(cache),
         )
-        for i, layer in enumerate(layers):
-            if before_block is not None:
-                hidden_states = before_block(start + i, hidden_states)
-            hidden_states = layer(
-                hidden_states, layer_past=cache, attention_mask=causal_mask, use_cache=cache is not None, alibi=alibi,
-            )[0]
-        return hidden_states
+        arguments = dict(layer_past=cache, attention_mask=causal_mask, use_cache=cache is not None, alibi=alibi)
+        return [arguments] * span_config.num_hidden_layers

@@ -21,7 +21,7 @@ from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
 from swarm.compat import cache_kwargs
 
-from .base import BeforeBlock, ModelFamily
+from .base import ModelFamily, alibi_positions_mask
 
 
 class FalconFamily(ModelFamily):
@@ -39,26 +39,14 @@ class FalconFamily(ModelFamily):
     def build_final_norm(self) -> nn.Module:
         return nn.LayerNorm(self.config.hidden_size, eps=self.config.layer_norm_epsilon)
 
-    def run_layers(
-        self,
-        layers: nn.ModuleList,
-        rotary: nn.Module,
-        span_config: PretrainedConfig,
-        start: int,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        cache: Cache | None,
-        before_block: BeforeBlock | None = None,
-    ) -> torch.Tensor:
-        batch, seq, _ = hidden_states.shape
+    def layer_arguments(self, rotary: nn.Module, span_config: PretrainedConfig, hidden_states: torch.Tensor,
+                        attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                        cache: Cache | None) -> list[dict]:
+        batch = hidden_states.shape[0]
         num_heads = span_config.num_attention_heads
         alibi = None
         if span_config.alibi:
-            past = cache.get_seq_length() if cache is not None else 0
-            mask = attention_mask
-            if mask is None:
-                mask = torch.ones(batch, seq + past, dtype=torch.long, device=hidden_states.device)
+            mask = alibi_positions_mask(attention_mask, hidden_states, cache)
             alibi = build_alibi_tensor(mask, num_heads, dtype=hidden_states.dtype)
         causal_mask = create_causal_mask(
             config=span_config, inputs_embeds=hidden_states, attention_mask=attention_mask,
@@ -74,17 +62,7 @@ class FalconFamily(ModelFamily):
             causal_mask = torch.masked_fill(
                 alibi / math.sqrt(span_config.hidden_size // num_heads), causal_mask < -1, min_dtype
             )
-        position_embeddings = rotary(hidden_states, position_ids=position_ids)
-        for i, layer in enumerate(layers):
-            if before_block is not None:
-                hidden_states = before_block(start + i, hidden_states)
-            hidden_states = layer(
-                hidden_states,
-                layer_past=cache,
-                attention_mask=causal_mask,
-                position_ids=position_ids,
-                use_cache=cache is not None,
-                alibi=alibi,
-                position_embeddings=position_embeddings,
-            )[0]
-        return hidden_states
+        arguments = dict(layer_past=cache, attention_mask=causal_mask, position_ids=position_ids,
+                         use_cache=cache is not None, alibi=alibi,
+                         position_embeddings=rotary(hidden_states, position_ids=position_ids))
+        return [arguments] * span_config.num_hidden_layers
