@@ -16,7 +16,6 @@ a fresh node of their own.
 
 from __future__ import annotations
 
-import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +24,10 @@ from typing import Iterator
 import grpc
 import pytest
 
+from swarm.ready_line import PeerReady
 from swarm.wire import swarm_pb2_grpc
 from tests.procs import output, spawn, stop, wait_for_line
 
-READY_LINE = re.compile(r"^peer ready: blocks (\d+):(\d+) of (\S+) at (\S+) \(model_id (\S+)\)$")
 DHT_LINE = r"^/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+$"
 PEER_START_TIMEOUT = 90.0  # s; a cold machine imports torch + transformers and loads weights
 
@@ -48,9 +47,9 @@ class PeerProcess:
 
     def wait_ready(self, timeout: float = PEER_START_TIMEOUT) -> PeerProcess:
         if not self.endpoint:
-            match = wait_for_line(self.proc, READY_LINE.pattern, timeout)
-            start, end, self.model_name, self.endpoint, self.model_id = match.groups()
-            self.start, self.end = int(start), int(end)
+            ready = PeerReady.parse(wait_for_line(self.proc, PeerReady.PATTERN.pattern, timeout).group(0))
+            self.start, self.end, self.model_name = ready.start, ready.end, ready.model_name
+            self.endpoint, self.model_id = ready.endpoint, ready.model_id
         return self
 
     @property
