@@ -237,7 +237,7 @@ class BlockSpan(nn.Module):
             tensors += [*self.rotary.parameters(), *self.rotary.buffers()]
         return {t.untyped_storage().data_ptr() for t in tensors}
 
-    # --- inference ---    # --- inference ----------------------------------------------------------------------------
+    # --- inference ----------------------------------------------------------------------------
 
     def start_inference(self, batch_size: int, max_length: int, deep_prompts: torch.Tensor | None = None,
                         adapters: list[AdapterSet] = ()) -> InferenceState:
@@ -301,7 +301,7 @@ class BlockSpan(nn.Module):
         if state.prefix_length:
             layer_mask, position_ids = _behind_prefix(state.prefix_length, full_mask, position_ids)
         before_block = self._deep_prompt_adder(state.deep_prompts, batch, past=past, new=new)
-        with adapters_applied(self.layers, self.start, state.adapters):
+        with adapters_applied(self.layers, self.start, state.adapters, checked=True):  # at start_inference
             outputs = self.family.run_layers(
                 self.layers, self.rotary, self.span_config, self.start, hidden_states,
                 layer_mask, position_ids, cache=state.cache, before_block=before_block,

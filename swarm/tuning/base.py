@@ -180,11 +180,14 @@ class AppliedAdapters:
 
 
 @contextlib.contextmanager
-def adapters_applied(layers: nn.ModuleList, start: int, adapter_sets: list[AdapterSet]) -> Iterator[AppliedAdapters]:
+def adapters_applied(layers: nn.ModuleList, start: int, adapter_sets: list[AdapterSet],
+                     checked: bool = False) -> Iterator[AppliedAdapters]:
     """Applies the adapters to the span's layers for the duration of one call.
 
     Hooks are per call because one peer serves many clients, each with its own adapters;
     a peer runs one span computation at a time, so hooks of two calls never overlap.
+    `checked`: the sets were already checked against these layers (an inference session's,
+    at its open), so a decode step does not re-validate every tensor against every block.
     """
     handles = []
     applied = AppliedAdapters()
@@ -194,7 +197,7 @@ def adapters_applied(layers: nn.ModuleList, start: int, adapter_sets: list[Adapt
             raise AdapterError(f"at most one method may put keys/values in the cache; got "
                                f"{', '.join(a.method.name for a in with_prefix)}")
         for adapters in adapter_sets:
-            stray = adapters.blocks() - set(range(start, start + len(layers)))
+            stray = set() if checked else adapters.blocks() - set(range(start, start + len(layers)))
             if stray:
                 raise AdapterError(
                     f"{adapters.method.name} tensors name blocks {sorted(stray)} outside the span "
@@ -202,7 +205,8 @@ def adapters_applied(layers: nn.ModuleList, start: int, adapter_sets: list[Adapt
                 )
             for i, layer in enumerate(layers):
                 tensors = adapters.for_block(start + i)
-                adapters.method.check_tensors(layer, start + i, tensors)
+                if not checked:
+                    adapters.method.check_tensors(layer, start + i, tensors)
                 handles += adapters.method.attach(layer, tensors, start + i)
                 if adapters.method.prefix_length:
                     applied.kv_prefixes.append(adapters.method.kv_prefix(layer, tensors))
