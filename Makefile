@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 	$(BIN)/$(PIP) "$$(grep -m1 '^pip==' $(LOCK))"
 	$(BIN)/$(PIP) torch==2.13.0
 	$(BIN)/$(PIP) --no-deps -r $(LOCK)
+	rm -rf *.egg-info  # a stale one in the tree would shadow the installed metadata (entry points)
 	$(BIN)/$(PIP) --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -1,23 +1,53 @@
 """The `swarm` command: one entry point, one subcommand per job.
 
 Subcommands live with the code they drive (a peer's flags in peer/, the client's in
-client/); this table only names them, and imports a subcommand's module when it runs, so
-`swarm dht` does not pay for importing the client and `swarm --help` starts instantly.
+client/) and declare themselves as entry points of the group `swarmlm.commands` in
+pyproject.toml, so the core names none of them. A subcommand's module is imported only when
+it runs, and `swarm --help` reads each one's summary off its module docstring without
+importing it: `swarm dht` does not pay for the client, and `--help` starts instantly.
 """
 
 from __future__ import annotations
 
-import importlib
+import ast
+import importlib.util
 import os
 import sys
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "dht": ("swarm.dht_node", "run a DHT bootstrap node that peers and clients join"),
-    "peer": ("peer.cli", "serve a span of a model's blocks to the swarm"),
-    "generate": ("client.cli_generate", "generate text through the swarm"),
-    "status": ("client.cli_status", "show which peers serve which blocks"),
-    "finetune": ("client.cli_finetune", "train your own adapters through the swarm"),
-}
+COMMAND_GROUP = "swarmlm.commands"
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    target: str  # "module:function", the entry point's value
+
+    @property
+    def module(self) -> str:
+        return self.target.partition(":")[0]
+
+    def summary(self) -> str:
+        """The first line of the module's docstring, after its "`swarm NAME`: " label."""
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or spec.origin is None:
+            return ""
+        with open(spec.origin, encoding="utf-8") as source:
+            doc = ast.get_docstring(ast.parse(source.read())) or ""
+        first = doc.split("\n\n", 1)[0].replace("\n", " ")
+        if first.startswith("`swarm ") and ": " in first:
+            first = first.split(": ", 1)[1]
+        return first.split(". ", 1)[0].rstrip(".")
+
+    def load(self):
+        module_name, _, function = self.target.partition(":")
+        return getattr(importlib.import_module(module_name), function or "main")
+
+
+def commands() -> dict[str, Command]:
+    return {ep.name: Command(ep.name, ep.value) for ep in entry_points(group=COMMAND_GROUP)}
+
 
 USAGE = """usage: swarm COMMAND [--help] [ARGS...]
 
@@ -57,22 +87,26 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    table = commands()
+    if not table:
+        print(f"swarm: no subcommands are installed (entry points {COMMAND_GROUP!r}); install the project: "
+              "pip install -e .", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help", "help"):
-        width = max(map(len, COMMANDS))
-        lines = "\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items())
+        width = max(map(len, table))
+        lines = "\n".join(f"  {name:<{width}}  {command.summary()}" for name, command in table.items())
         print(USAGE.format(commands=lines))
         return 0
     _die_with_parent()
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"swarm: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+    if name not in table:
+        print(f"swarm: unknown command {name!r}; commands: {', '.join(table)}", file=sys.stderr)
         return 2
     # Before torch loads OpenMP: idle worker threads sleep instead of spinning. A swarm on
     # one machine runs its peers one after another; spinning threads of the peer that just
     # answered steal the cores the next peer computes on (measured: decode 20-30% slower).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest) or 0
+    return table[name].load()(rest) or 0
 
 
 if __name__ == "__main__":
