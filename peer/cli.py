@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Sequence
 
-from .config import PeerConfig, PeerLimits
+from .config import PeerConfig, PeerLimits, PeerStartError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # = swarm.checkpoint.DEFAULT_MODEL, without importing torch for --help
 
@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_blocks=args.num_blocks, balance_period=args.balance_period,
     )
 
-    from .server import PeerStartError, run_peer
+    from .server import run_peer
 
     def ready(line: str) -> None:
         print(line, flush=True)

@@ -1,0 +1,18 @@
+"""The peer's node in the hivemind DHT, where it announces its span and finds other peers'."""
+
+from __future__ import annotations
+
+from .config import PeerConfig, PeerStartError
+
+
+def start_dht(config: PeerConfig):
+    import hivemind  # heavy; only a serving peer needs it
+
+    loopback = config.host in ("127.0.0.1", "localhost", "::1")
+    host_maddrs = ["/ip4/127.0.0.1/tcp/0"] if loopback else ["/ip4/0.0.0.0/tcp/0"]
+    try:
+        return hivemind.DHT(initial_peers=config.initial_peers or None, host_maddrs=host_maddrs, start=True,
+                            client_mode=False)
+    except Exception as e:
+        raise PeerStartError(f"cannot join the DHT through {config.initial_peers or 'no initial peers'}: {e}; "
+                             "check --initial-peers (a multiaddr printed by `swarm dht`)") from e
