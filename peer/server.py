@@ -38,7 +38,7 @@ from swarm.registry import ModelRecord, PeerState
 from .balancer import Balancer, PlacementError
 from .config import PeerConfig, PeerStartError
 from .dht import start_dht
-from .registration import add_to_server
+from .rpc_handlers import add_to_server
 from .runtime import ComputeRuntime
 from .span_host import SpanHost
 from .span_switch import SpanSwitch
