@@ -1,5 +1,5 @@
-"""What a peer is told to do: the settings the CLI parses, as one dataclass, and the error
-for settings it cannot honour.
+"""What a peer is told to do: the settings the CLI parses (their defaults are the CLI's),
+and the error for settings it cannot honour.
 
 Kept free of heavy imports so `swarm peer --help` and argument errors are instant.
 """

@@ -1,15 +1,15 @@
-"""A running peer: joins the DHT, loads its span, serves BlockService over gRPC, announces
-itself, and shuts down cleanly on SIGINT/SIGTERM.
+"""The peer process's main (`run_peer`): it starts the peer in order, serves until SIGINT or
+SIGTERM, and shuts down cleanly.
 
 Start-up order matters:
 
-1. the DHT first: `hivemind.DHT` forks its own process, and forking before the model is
+1. the DHT first (peer/dht.py): `hivemind.DHT` forks its own process, and forking before the model is
    loaded, the compute thread exists or gRPC starts is cheap and safe (gRPC does not
    survive a fork); a bad --initial-peers also fails before minutes of loading;
 2. the port is bound (the records name it), and the span announced as `joining`; with
    --num-blocks the span is chosen first (peer/balancer.py);
 3. weights of the span only (`load_span`, on a thread: a signal still stops the peer),
-   then a short throughput measurement;
+   then a short throughput measurement (peer/span_host.py, peer/throughput.py);
 4. the gRPC server starts, the span is announced `online`; only then "peer ready".
 
 The span itself, and its moves, are `SpanHost`'s (peer/span_host.py).
