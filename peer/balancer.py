@@ -39,7 +39,7 @@ from .placement import (
 )
 
 if TYPE_CHECKING:
-    from .server import SpanHost
+    from .span_host import SpanHost
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,10 @@ import os
 import sys
 from typing import Sequence
 
-from .config import PeerConfig, PeerLimits
+from .config import PeerConfig, PeerLimits, PeerStartError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # = swarm.checkpoint.DEFAULT_MODEL, without importing torch for --help
+MB = 1024 * 1024
 
 DESCRIPTION = """\
 Serve blocks START..END-1 of a model to the swarm (--blocks), or N blocks where the swarm
@@ -75,6 +76,8 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Defaults come from the settings themselves (peer/config.py): one place says them.
+    defaults, limits = PeerConfig(model=DEFAULT_MODEL), PeerLimits()
     p = argparse.ArgumentParser(prog="swarm peer", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to serve")
@@ -89,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="serve N consecutive blocks where the swarm needs them most: blocks nobody serves "
                       "first, then those with the least total throughput; the peer may move later "
                       "(see --balance-period)")
-    what.add_argument("--balance-period", type=_non_negative(float), default=60.0, metavar="SECONDS",
+    what.add_argument("--balance-period", type=_non_negative(float), default=defaults.balance_period, metavar="SECONDS",
                       help="with --num-blocks: how often to check whether moving to other blocks would "
                       "strengthen the swarm's weakest point (an uncovered block, or at least 20%% more "
                       "throughput there), and move; 0 never moves (default: %(default)s)")
@@ -98,16 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--initial-peers", action="append", default=[], metavar="MULTIADDR",
                      help="a DHT node to join, as printed by `swarm dht` (/ip4/.../tcp/.../p2p/...); repeat the "
                      "flag or separate several with commas")
-    net.add_argument("--host", default="0.0.0.0",
+    net.add_argument("--host", default=defaults.host,
                      help="address to listen on for clients (default: %(default)s, all interfaces; 127.0.0.1 "
                      "keeps the peer local to this machine)")
-    net.add_argument("--port", type=_port, default=0, help="port to listen on (default: 0, any free port)")
+    net.add_argument("--port", type=_port, default=defaults.port,
+                     help="port to listen on (default: %(default)s, any free port)")
     net.add_argument("--public-host", metavar="HOST",
                      help="address clients should dial, announced in the DHT; set it behind NAT or a proxy "
                      "(default: --host, or 127.0.0.1 when listening on all interfaces)")
     net.add_argument("--public-port", type=_port, metavar="PORT",
                      help="port clients should dial, if it differs from the bound one (port forwarding, proxy)")
-    net.add_argument("--announce-period", type=_positive(float), default=10.0, metavar="SECONDS",
+    net.add_argument("--announce-period", type=_positive(float), default=defaults.announce_period, metavar="SECONDS",
                      help="how often to refresh the DHT announcement; it expires after 3 periods "
                      "(default: %(default)s)")
 
@@ -115,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     compute.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     compute.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                          help="weights and compute dtype (default: auto = bfloat16 on cuda, float32 on cpu)")
-    compute.add_argument("--quant", default="none", choices=["none", "int8", "nf4"],
+    compute.add_argument("--quant", default=defaults.quant, choices=["none", "int8", "nf4"],
                          help="store the blocks' linear weights quantized, so the same memory holds more "
                          "blocks; compute, norms and the KV cache stay in --dtype. none: as --dtype. int8: 8 bits "
                          "with a scale per 64 inputs, nothing to install (on cuda bitsandbytes' LLM.int8 when "
@@ -124,18 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "dequantized at each use). nf4: 4-bit NormalFloat, a quarter of bfloat16, less accurate "
                          "(33%% of greedy tokens); needs bitsandbytes: pip install 'swarmlm[quant]'. The peer "
                          "announces its choice; clients may refuse quantized peers (default: %(default)s)")
-    compute.add_argument("--cache-tokens", type=int, default=8192, metavar="TOKENS",
+    compute.add_argument("--cache-tokens", type=int, default=defaults.cache_tokens, metavar="TOKENS",
                          help="KV-cache budget in tokens, shared by all inference sessions: a session takes "
                          "batch x max_length tokens; one that does not fit is refused (default: %(default)s)")
-    compute.add_argument("--max-batch-size", type=_positive(int), default=64, metavar="N",
+    compute.add_argument("--max-batch-size", type=_positive(int), default=limits.max_batch_size, metavar="N",
                          help="largest batch a request may send (default: %(default)s)")
-    compute.add_argument("--max-seq-length", type=_positive(int), default=4096, metavar="TOKENS",
+    compute.add_argument("--max-seq-length", type=_positive(int), default=limits.max_seq_length, metavar="TOKENS",
                          help="most tokens per sequence in a request or session (default: %(default)s)")
-    compute.add_argument("--max-message-mb", type=_positive(int), default=64, metavar="MB",
+    compute.add_argument("--max-message-mb", type=_positive(int), default=limits.max_message_bytes // MB, metavar="MB",
                          help="largest gRPC message sent or received (default: %(default)s)")
-    compute.add_argument("--session-timeout", type=_positive(float), default=300.0, metavar="SECONDS",
+    compute.add_argument("--session-timeout", type=_positive(float), default=defaults.session_timeout, metavar="SECONDS",
                          help="close an inference session idle this long, freeing its cache (default: %(default)s)")
-    compute.add_argument("--backward-memory", type=int, default=1024, metavar="MB",
+    compute.add_argument("--backward-memory", type=int, default=defaults.backward_memory_mb, metavar="MB",
                          help="memory for activations kept from a training Forward until its Backward, so "
                          "Backward need not recompute the forward pass (training steps ~1.3x faster); kept at "
                          "most 2 minutes; 0: always recompute (default: %(default)s)")
@@ -209,14 +213,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=args.host, port=args.port, public_host=args.public_host, public_port=args.public_port,
         device=device, dtype=dtype, quant=args.quant, cache_tokens=args.cache_tokens,
         limits=PeerLimits(max_batch_size=args.max_batch_size, max_seq_length=args.max_seq_length,
-                          max_message_bytes=args.max_message_mb * 1024 * 1024),
+                          max_message_bytes=args.max_message_mb * MB),
         session_timeout=args.session_timeout, backward_memory_mb=args.backward_memory,
         threads=args.threads, decode_threads=args.decode_threads,
         announce_period=args.announce_period,
         num_blocks=args.num_blocks, balance_period=args.balance_period,
     )
 
-    from .server import PeerStartError, run_peer
+    from .server import run_peer
 
     def ready(line: str) -> None:
         print(line, flush=True)

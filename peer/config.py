@@ -1,4 +1,5 @@
-"""What a peer is told to do: the settings the CLI parses, as one dataclass.
+"""What a peer is told to do: the settings the CLI parses (their defaults are the CLI's),
+and the error for settings it cannot honour.
 
 Kept free of heavy imports so `swarm peer --help` and argument errors are instant.
 """
@@ -45,3 +46,7 @@ class PeerConfig:
         if self.public_host:
             return self.public_host
         return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+
+class PeerStartError(RuntimeError):
+    """The peer cannot start as configured; the message says what to change."""

@@ -8,12 +8,14 @@ what would be valid:
 - `NotServed` means a well-formed request for a model or span this peer does not serve
   (FAILED_PRECONDITION): the client should ask another peer.
 
-What comes out is plain data (`SpanCall`, `SessionOpen`, `SessionStep`) that the service
-hands to the runtime; nothing here computes.
+What comes out is plain data (`SpanCall`, `InferenceOpen`, `InferenceStep`: the checked forms
+of the proto messages of those names) that the service hands to the runtime; nothing here
+computes. A large request is decoded off the event loop (`decode`).
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,6 +33,9 @@ INDEX_DTYPES = (torch.int64, torch.int32)
 MASK_DTYPES = (torch.int64, torch.int32, torch.bool, torch.uint8, torch.int8)
 MAX_ADAPTER_SETS = 8  # methods stacked in one request; each is bounded per block by its own limit
 MAX_SETTINGS_CHARS = 64 * 1024  # an adapter's config_json: settings are a few numbers and names
+# Requests bigger than this are decoded off the event loop, so that copying and checking a
+# large training batch (up to --max-message-mb) does not delay other sessions' tokens.
+DECODE_INLINE_BYTES = 1 << 20
 
 
 class BadRequest(ValueError):
@@ -60,6 +65,21 @@ def request_parser(message_type: type[Message]) -> Callable[[bytes], Message]:
     return parse
 
 
+async def decode(nbytes: int, decode_fn: Callable, *args):
+    """`decode_fn(*args)` for a request with `nbytes` of tensors: inline if small, else on a thread."""
+    if nbytes <= DECODE_INLINE_BYTES:
+        return decode_fn(*args)
+    return await asyncio.to_thread(decode_fn, *args)
+
+
+def tensor_bytes(msg: Message) -> int:
+    """Bytes of the tensors in a SpanInputs or InferenceOpen message (what decoding copies)."""
+    fields = msg.DESCRIPTOR.fields_by_name
+    total = sum(len(getattr(msg, name).data) for name in ("hidden_states", "deep_prompts")
+                if name in fields and msg.HasField(name))
+    return total + sum(len(t.data) for adapters in msg.adapters for t in adapters.tensors.values())
+
+
 @dataclass
 class SpanCall:
     """A checked Forward/Backward request."""
@@ -74,7 +94,7 @@ class SpanCall:
 
 
 @dataclass
-class SessionOpen:
+class InferenceOpen:
     session_id: str
     batch_size: int
     max_length: int
@@ -85,7 +105,7 @@ class SessionOpen:
 
 
 @dataclass
-class SessionStep:
+class InferenceStep:
     step_id: int
     position: int
     hidden_states: torch.Tensor  # on the span's device, in its dtype
@@ -131,7 +151,7 @@ class RequestDecoder:
                              f"{tuple(call.hidden_states.shape)}")
         return grad.to(self._device, self._dtype)
 
-    def session_open(self, msg: swarm_pb2.InferenceOpen) -> SessionOpen:
+    def inference_open(self, msg: swarm_pb2.InferenceOpen) -> InferenceOpen:
         self._check_target(msg.model_id, msg.start, msg.end)
         limits = self.limits
         if not 1 <= msg.batch_size <= limits.max_batch_size:
@@ -143,7 +163,7 @@ class RequestDecoder:
             if msg.dtype not in FLOAT_DTYPES:
                 raise BadRequest(f"dtype {msg.dtype!r} must be one of: {', '.join(FLOAT_DTYPES)}")
             client_dtype = FLOAT_DTYPES[msg.dtype]
-        return SessionOpen(
+        return InferenceOpen(
             session_id=msg.session_id,
             batch_size=msg.batch_size,
             max_length=msg.max_length,
@@ -153,7 +173,7 @@ class RequestDecoder:
             adapters=self._adapters(msg.adapters),
         )
 
-    def session_step(self, msg: swarm_pb2.InferenceStep, session: SessionOpen, held: int) -> SessionStep:
+    def inference_step(self, msg: swarm_pb2.InferenceStep, session: InferenceOpen, held: int) -> InferenceStep:
         """`held`: tokens the session's cache holds now."""
         if not msg.HasField("hidden_states"):
             raise BadRequest("step hidden_states is missing")
@@ -168,7 +188,7 @@ class RequestDecoder:
         if msg.position + new > session.max_length:
             raise BadRequest(f"step at position {msg.position} with {new} tokens exceeds the session's "
                              f"max_length {session.max_length}")
-        return SessionStep(
+        return InferenceStep(
             step_id=msg.step_id,
             position=msg.position,
             hidden_states=hidden.to(self._device, self._dtype),

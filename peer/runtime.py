@@ -32,6 +32,8 @@ from typing import Any, Callable, TypeVar
 
 from swarm.heap import release_freed_memory
 
+from .threads import run_into
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -131,30 +133,9 @@ class ComputeRuntime:
             # request's tensors (a training batch, a closed session's KV cache) alive.
             del job
 
-    def _run(self, job: _Job) -> None:
+    @staticmethod
+    def _run(job: _Job) -> None:
         assert job.future is not None and job.loop is not None
         if job.future.cancelled():  # read across threads: at worst we run a job nobody awaits
             return
-        try:
-            result = job.fn(*job.args, **job.kwargs)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller, who decides
-            self._deliver(job, _set_exception, e)
-        else:
-            self._deliver(job, _set_result, result)
-
-    @staticmethod
-    def _deliver(job: _Job, setter: Callable[[asyncio.Future, Any], None], value: Any) -> None:
-        try:
-            job.loop.call_soon_threadsafe(setter, job.future, value)
-        except RuntimeError:  # the caller's loop is closed: nobody is waiting any more
-            pass
-
-
-def _set_result(future: asyncio.Future, value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _set_exception(future: asyncio.Future, error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)
+        run_into(job.loop, job.future, job.fn, *job.args, **job.kwargs)

@@ -170,7 +170,7 @@ class FakeDHT:
 
 
 class FakeHost:
-    """What Balancer uses of peer.server.SpanHost, over a FakeDHT."""
+    """What Balancer uses of peer.span_host.SpanHost, over a FakeDHT."""
 
     def __init__(self, dht: FakeDHT, name: str, throughput: float = 10.0) -> None:
         self.dht, self.peer_id, self.model = dht, name, MODEL

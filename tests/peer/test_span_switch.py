@@ -9,7 +9,7 @@ import torch
 
 from peer.config import PeerLimits
 from peer.memory import CacheBudget
-from peer.registration import add_to_server
+from peer.rpc_handlers import add_to_server
 from peer.service import BlockService, ServedModel
 from peer.span_switch import SpanSwitch
 from swarm.checkpoint import resolve_checkpoint

@@ -10,7 +10,7 @@ import grpc
 from swarm.wire import swarm_pb2
 
 from .requests import UnparsableRequest, request_parser
-from .service import _refuse
+from .status import refuse
 
 
 def add_to_server(service, server: grpc.aio.Server) -> None:
@@ -57,7 +57,7 @@ def _refusing_unparsable(behaviour, rpc: str, server_streaming: bool):
     if server_streaming:
         async def handle_stream(request, context):
             if isinstance(request, UnparsableRequest):
-                await _refuse(context, request, rpc)
+                await refuse(context, request, rpc)
                 return
             async for answer in behaviour(request, context):
                 yield answer
@@ -65,7 +65,7 @@ def _refusing_unparsable(behaviour, rpc: str, server_streaming: bool):
 
     async def handle(request, context):
         if isinstance(request, UnparsableRequest):
-            await _refuse(context, request, rpc)
+            await refuse(context, request, rpc)
             return None
         return await behaviour(request, context)
     return handle

@@ -1,0 +1,65 @@
+"""What a request runs on the compute thread: the span's forward pass, backward pass or
+inference step, and the encoding of its answer.
+
+The answer is encoded there too, in the codec the client asked for and the dtype it sent,
+which keeps a large answer's copy off the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from swarm.blocks import BlockSpan, InferenceState, SpanGraph
+from swarm.wire import serialize_tensor, swarm_pb2
+
+from .kept_graphs import KeptGraphs
+from .requests import InferenceStep, SpanCall
+
+
+class SpanCompute:
+    """The span's work for each kind of request; every method runs on the compute thread."""
+
+    def __init__(self, span: BlockSpan, kept: KeptGraphs) -> None:
+        self.span, self.kept = span, kept
+        self.backwards_kept = self.backwards_recomputed = 0  # how Backward calls were answered
+
+    def forward(self, call: SpanCall, backward_id: str) -> swarm_pb2.Tensor:
+        inputs = (call.hidden_states, call.attention_mask, call.position_ids, call.deep_prompts, call.adapters)
+        if backward_id and self.kept.max_bytes:
+            hidden, graph = self.span.forward_with_graph(*inputs)
+            self.kept.put(backward_id, graph)
+        else:
+            with torch.no_grad():
+                hidden = self.span.forward(*inputs)
+        return serialize_tensor(hidden.to(call.client_dtype), call.response_codec)
+
+    def backward(self, call: SpanCall, grad_outputs: torch.Tensor, adapter_msgs,
+                 graph: SpanGraph | None) -> swarm_pb2.BackwardResponse:
+        if graph is not None and graph.matches(call.hidden_states, call.deep_prompts, call.adapters):
+            grads = graph.backward(grad_outputs)
+            self.backwards_kept += 1
+        else:
+            self.backwards_recomputed += 1
+            grads = self.span.backward(call.hidden_states, grad_outputs, call.attention_mask, call.position_ids,
+                                       call.deep_prompts, call.adapters)
+        codec = call.response_codec
+        response = swarm_pb2.BackwardResponse(
+            grad_hidden_states=serialize_tensor(grads.hidden_states.to(call.client_dtype), codec))
+        if grads.deep_prompts is not None:
+            response.grad_deep_prompts.CopyFrom(serialize_tensor(grads.deep_prompts, codec))
+        for msg, tensors in zip(adapter_msgs, grads.adapters):
+            response.grad_adapters.add(method=msg.method, config_json=msg.config_json,
+                                       tensors={name: serialize_tensor(t, codec) for name, t in tensors.items()})
+        return response
+
+    def inference_step(self, state: InferenceState, step: InferenceStep,
+                       codec: str) -> tuple[swarm_pb2.Tensor, float, float]:
+        """The step's encoded output, and the seconds spent computing and encoding it."""
+        started = time.perf_counter()
+        hidden = self.span.inference_step(state, step.hidden_states, step.attention_mask, step.position_ids,
+                                          step.hypo_ids, step.position)
+        computed = time.perf_counter()
+        encoded = serialize_tensor(hidden.to(step.client_dtype), codec)
+        return encoded, computed - started, time.perf_counter() - computed
