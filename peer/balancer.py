@@ -25,6 +25,7 @@ import logging
 import random
 from typing import TYPE_CHECKING, Callable
 
+from swarm.ready_line import moved_line
 from swarm.registry import PeerState
 
 from .placement import (
@@ -106,7 +107,7 @@ class Balancer:
             old = (self.host.start, self.host.end)
             if not await self.host.move(*target, stop):
                 return
-            report(f"peer moved: blocks {old[0]}:{old[1]} -> {target[0]}:{target[1]}")
+            report(moved_line(old, target))
 
     async def decide(self, stop: asyncio.Event) -> tuple[int, int] | None:
         """Where to move (the peer is then draining), or None to stay (it is then online)."""

@@ -9,17 +9,16 @@ p2pd cannot arm one itself (hivemind starts it; the setting is not inherited ove
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import sys
 
 import hivemind  # heavy: only a serving peer imports this module (peer/server.py)
 import psutil
 
+from swarm.parent_death import signal_on_parent_death
+
 from .config import PeerConfig, PeerStartError
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 CHILD_STOP_SECONDS = 1.0  # p2pd stops in milliseconds on SIGTERM; SIGKILL after this
 
 
@@ -43,9 +42,7 @@ class PeerDHT(hivemind.DHT):
 
     def run(self) -> None:  # in the DHT process
         signal.signal(signal.SIGTERM, _stop_children_and_exit)
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != self._peer_pid:  # the peer died before the signal was armed
+        if not signal_on_parent_death(self._peer_pid, signal.SIGTERM):  # the peer died before it was armed
             _stop_children_and_exit()
         super().run()
 

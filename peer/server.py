@@ -33,6 +33,7 @@ from pydantic import ValidationError
 import swarm
 from swarm.checkpoint import Checkpoint, config_fingerprint
 from swarm.models import get_family
+from swarm.ready_line import PeerReady
 from swarm.registry import ModelRecord, PeerState
 
 from .balancer import Balancer, PlacementError
@@ -129,8 +130,7 @@ async def _place_load_and_serve(host: SpanHost, balancer: Balancer | None, serve
         return 0
     await server.start()
     await host.announce(PeerState.online)
-    on_ready(f"peer ready: blocks {host.start}:{host.end} of {host.checkpoint.name} at {host.endpoint} "
-             f"(model_id {host.model.model_id})")
+    on_ready(PeerReady(host.start, host.end, host.checkpoint.name, host.endpoint, host.model.model_id).line())
     if balancer is None or balancer.period <= 0:
         await stop.wait()
         return 0

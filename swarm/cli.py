@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
+from swarm.parent_death import signal_on_parent_death
+
 COMMAND_GROUP = "swarmlm.commands"
 
 
@@ -71,17 +73,10 @@ PARENT_PID_ENV = "SWARMLM_PARENT_PID"
 
 
 def _die_with_parent() -> None:
-    """Linux: get SIGTERM when the starting process dies, even by SIGKILL, so a killed demo
-    or test run leaves no peers behind (they shut down cleanly on SIGTERM)."""
+    """Get SIGTERM when the starting process dies, even by SIGKILL, so a killed demo or test
+    run leaves no peers behind (they shut down cleanly on SIGTERM)."""
     parent = os.environ.pop(PARENT_PID_ENV, None)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != int(parent):  # the parent died before we armed the signal
+    if parent and not signal_on_parent_death(int(parent)):  # the parent died before we armed the signal
         sys.exit(1)
 
 
