@@ -12,9 +12,11 @@ import os
 import sys
 from typing import Sequence
 
+from swarm.dtypes import COMPUTE_DTYPES
+from swarm.named_models import DEFAULT_MODEL  # no torch: --help stays instant
+
 from .config import PeerConfig, PeerLimits, PeerStartError
 
-DEFAULT_MODEL = "smollm2-135m-instruct"  # = swarm.checkpoint.DEFAULT_MODEL, without importing torch for --help
 MB = 1024 * 1024
 
 DESCRIPTION = """\
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compute = p.add_argument_group("compute and memory")
     compute.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    compute.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    compute.add_argument("--dtype", default="auto", choices=["auto", *COMPUTE_DTYPES],
                          help="weights and compute dtype (default: auto = bfloat16 on cuda, float32 on cpu)")
     compute.add_argument("--quant", default=defaults.quant, choices=["none", "int8", "nf4"],
                          help="store the blocks' linear weights quantized, so the same memory holds more "

@@ -23,7 +23,8 @@ import torch
 
 import swarm
 from swarm.blocks import BlockSpan
-from swarm.wire import DTYPES, swarm_pb2, swarm_pb2_grpc
+from swarm.dtypes import dtype_name
+from swarm.wire import swarm_pb2, swarm_pb2_grpc
 
 from .compute import SpanCompute
 from .config import PeerLimits
@@ -37,7 +38,6 @@ from .status import end_call, refuse
 
 logger = logging.getLogger(__name__)
 
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
         span, served, budget, limits, compute = self.span, self.served, self.budget, self.limits, self.compute
         return swarm_pb2.PeerInfo(
             model_id=served.model_id, model_name=served.model_name, start=span.start, end=span.end,
-            num_blocks=served.num_blocks, dtype=_DTYPE_NAMES[span.dtype], quant=served.quant,
+            num_blocks=served.num_blocks, dtype=dtype_name(span.dtype), quant=served.quant,
             version=swarm.__version__, throughput=served.throughput,
             cache_tokens_total=budget.total_tokens, cache_tokens_free=budget.free_tokens,
             active_sessions=budget.active_sessions, max_batch_size=limits.max_batch_size,

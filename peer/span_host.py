@@ -17,6 +17,7 @@ import torch
 import swarm
 from swarm.blocks import BlockSpan
 from swarm.checkpoint import Checkpoint
+from swarm.dtypes import torch_dtype
 from swarm.heap import release_freed_memory
 from swarm.loading import load_span
 from swarm.quant import quantize_layers, weight_bytes
@@ -35,7 +36,6 @@ from .throughput import measure_throughput
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A moving peer waits this long at most for its inference sessions to end by themselves;
 # the rest are closed, and their clients replay them on other peers.
 DRAIN_SECONDS = 10.0
@@ -82,7 +82,7 @@ class SpanHost:
         """Loads blocks [start, end), measures them and serves them; False if stopped first
         (the loading thread is then abandoned: the process is about to exit)."""
         config = self.config
-        dtype, device = DTYPES[config.dtype], torch.device(config.device)
+        dtype, device = torch_dtype(config.dtype), torch.device(config.device)
         start, end = self.start, self.end
 
         def load_and_measure() -> tuple[BlockSpan, float]:

@@ -27,6 +27,8 @@ from hivemind.dht import DHT, DHTNode
 from hivemind.utils import get_dht_time
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .dtypes import COMPUTE_DTYPES
+
 logger = logging.getLogger(__name__)
 
 # Record lifetime a peer's announcer should use; it refreshes well before this runs out.
@@ -37,7 +39,7 @@ TOMBSTONE: dict[str, Any] = {"withdrawn": True}
 _MAX_STR = 256  # bounds untrusted strings so one junk record cannot bloat a reader
 _MODEL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,79}$")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal[COMPUTE_DTYPES]
 
 
 class PeerState(str, enum.Enum):
