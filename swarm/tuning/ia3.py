@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .base import AdapterError, AdapterMethod, ExportTarget, find_linears, module_targets
-from .peft_files import block_key, block_name, module_names, read_peft, write_peft
+from .peft_files import block_key, module_names, read_block_tensors, write_peft
 
 DEFAULT_TARGETS = ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")
 DEFAULT_FEEDFORWARD = ("mlp.down_proj",)
@@ -76,11 +76,7 @@ class IA3(AdapterMethod):
 
     @classmethod
     def load_files(cls, folder: Path, target: ExportTarget):
-        found = read_peft(folder, "IA3")
-        if found is None:
-            return None
-        config, weights = found
-        return cls.from_peft_config(config), {block_name(target, k): t for k, t in weights.items()}
+        return read_block_tensors(folder, target, "IA3", cls.from_peft_config)
 
     @classmethod
     def from_peft_config(cls, config: dict) -> "IA3":

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AdapterError, AdapterMethod, ExportTarget, find_linears, module_targets
-from .peft_files import block_key, block_name, module_names, read_peft, write_peft
+from .peft_files import block_key, module_names, read_block_tensors, write_peft
 
 DEFAULT_TARGETS = ("self_attn.q_proj", "self_attn.v_proj")
 
@@ -121,11 +121,7 @@ class LoRA(AdapterMethod):
 
     @classmethod
     def load_files(cls, folder: Path, target: ExportTarget):
-        found = read_peft(folder, "LORA")
-        if found is None:
-            return None
-        config, weights = found
-        return cls.from_peft_config(config), {block_name(target, k, ".weight"): t for k, t in weights.items()}
+        return read_block_tensors(folder, target, "LORA", cls.from_peft_config, ".weight")
 
     @classmethod
     def from_peft_config(cls, config: dict) -> "LoRA":

@@ -32,6 +32,17 @@ def read_peft(folder: Path, peft_type: str) -> tuple[dict, dict[str, torch.Tenso
     return config, load_file(folder / PEFT_WEIGHTS)
 
 
+def read_block_tensors(folder: Path, target: ExportTarget, peft_type: str, from_peft_config,
+                       suffix: str = "") -> tuple[object, dict[str, torch.Tensor]] | None:
+    """A folder of a per-block PEFT method back as (method, tensors by our block names), or None
+    if it holds none of `peft_type`; `from_peft_config` builds the method from PEFT's config."""
+    found = read_peft(folder, peft_type)
+    if found is None:
+        return None
+    config, weights = found
+    return from_peft_config(config), {block_name(target, k, suffix): t for k, t in weights.items()}
+
+
 def block_key(target: ExportTarget, name: str, suffix: str = "") -> str:
     """'3.self_attn.q_proj.lora_A' -> 'base_model.model.model.layers.3.self_attn.q_proj.lora_A' + suffix."""
     return f"base_model.model.{target.layers_prefix}.{name}{suffix}"
