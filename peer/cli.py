@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         session_timeout=args.session_timeout, backward_memory_mb=args.backward_memory,
         threads=args.threads, decode_threads=args.decode_threads,
         announce_period=args.announce_period,
-        num_blocks=args.num_blocks, balance_period=args.balance_period,
+        blocks_wanted=args.num_blocks, balance_period=args.balance_period,
     )
 
     from .server import run_peer

@@ -21,7 +21,7 @@ class PeerLimits:
 @dataclass(frozen=True)
 class PeerConfig:
     model: str
-    start: int = 0  # the span [start, end), unless num_blocks is set
+    start: int = 0  # the span [start, end), unless blocks_wanted is set
     end: int = 0
     initial_peers: list[str] = field(default_factory=list)
     host: str = "0.0.0.0"
@@ -38,8 +38,10 @@ class PeerConfig:
     decode_threads: int | None = None  # for decode steps (one token per sequence); None: as `threads`
     backward_memory_mb: int = 1024  # activations kept from Forward for its Backward (peer/kept_graphs.py)
     announce_period: float = 10.0
-    num_blocks: int | None = None  # set: the peer chooses where to serve this many blocks (start/end ignored)
-    balance_period: float = 60.0  # with num_blocks: seconds between checks whether to move; 0: never move
+    # --num-blocks: the peer chooses where to serve this many blocks (start/end ignored). Not the
+    # model's num_blocks (its total) nor a span's length.
+    blocks_wanted: int | None = None
+    balance_period: float = 60.0  # with blocks_wanted: seconds between checks whether to move; 0: never move
 
     @property
     def announced_host(self) -> str:

@@ -100,7 +100,7 @@ async def _serve(config: PeerConfig, checkpoint: Checkpoint, dht, on_ready: Call
             logger.warning("announcing %s: only clients on this machine can reach this peer; pass --public-host "
                            "with an address others can dial", endpoint)
 
-        balancer = Balancer(host, config.num_blocks, config.balance_period) if config.num_blocks else None
+        balancer = Balancer(host, config.blocks_wanted, config.balance_period) if config.blocks_wanted else None
         # Refreshed from the first (joining) announcement on: loading may outlast its records.
         refreshing = asyncio.ensure_future(host.announcer.refresh_until(stop))
         try:

@@ -51,7 +51,7 @@ class SpanHost:
         self.endpoint, self.runtime, self.switch = endpoint, runtime, switch
         self.peer_id = dht.peer_id.to_base58()
         # With --num-blocks a provisional span until the balancer chooses one.
-        self.start, self.end = (0, config.num_blocks) if config.num_blocks else (config.start, config.end)
+        self.start, self.end = (0, config.blocks_wanted) if config.blocks_wanted else (config.start, config.end)
         self.state = PeerState.joining
         self.throughput = 0.0  # tokens/s; 0 until measured on the loaded span
         self.span: BlockSpan | None = None
