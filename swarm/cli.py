@@ -14,9 +14,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "dht": ("swarm.dht_node", "run a DHT bootstrap node that peers and clients join"),
     "peer": ("peer.cli", "serve a span of a model's blocks to the swarm"),
-    "generate": ("client.cli_generate", "generate text through the swarm"),
-    "status": ("client.cli_status", "show which peers serve which blocks"),
-    "finetune": ("client.cli_finetune", "train your own adapters through the swarm"),
+    "generate": ("client.apps.cli_generate", "generate text through the swarm"),
+    "status": ("client.apps.cli_status", "show which peers serve which blocks"),
+    "finetune": ("client.apps.cli_finetune", "train your own adapters through the swarm"),
 }
 
 USAGE = """usage: swarm COMMAND [--help] [ARGS...]

@@ -103,7 +103,7 @@ def test_model_parameters_are_only_the_clients(model):
 @pytest.mark.compat
 def test_demo_answers_as_local_transformers(model, local):
     """`make demo`'s own code path: its answer is local transformers' greedy answer."""
-    from client.demo import answer
+    from client.apps.demo import answer
 
     ours, _ = answer(model, model.tokenizer)
     theirs, _ = answer(local, model.tokenizer)

@@ -8,7 +8,7 @@ import torch
 from peft import IA3Config, LoraConfig, PrefixTuningConfig
 from transformers import LlamaConfig
 
-from client.cli_finetune import build_parser, default_lr, run_setup, tuning_modes
+from client.apps.cli_finetune import build_parser, default_lr, run_setup, tuning_modes
 from client.tuning import ClientTuning, resolve_modes
 from swarm.models import get_family
 from swarm.tuning import IA3, BottleneckAdapter, ExportTarget, LoRA, PrefixTuning
