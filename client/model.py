@@ -23,7 +23,8 @@ from swarm.models import ClientParts, get_family
 from swarm.registry import make_model_id
 from swarm.tuning import ExportTarget, LoRA
 
-from .remote import RemoteSwarm, SwarmSettings, remote_forward
+from .autograd import remote_forward
+from .remote_swarm import RemoteSwarm, SwarmSettings
 from .export import load_adapter, read_tuning_settings, save_adapter
 from .sequential import RemoteBody
 from .session import InferenceSession

@@ -21,7 +21,6 @@ from torch import nn
 
 from swarm.models import ModelFamily
 from swarm.tuning import METHODS, AdapterError, AdapterMethod, LoRA
-from swarm.wire import serialize_tensor, swarm_pb2
 
 CLIENT_MODES = ("ptune", "deep_ptune", "embeddings")
 TUNING_MODES = CLIENT_MODES + tuple(METHODS)
@@ -145,20 +144,6 @@ class TuningPayload:
 
     def __bool__(self) -> bool:
         return self.deep_prompts is not None or bool(self.adapters)
-
-    def span_messages(self, start: int, end: int) -> tuple[swarm_pb2.Tensor | None, list[swarm_pb2.AdapterTensors]]:
-        """What a request for blocks [start, end) carries."""
-        deep = None
-        if self.deep_prompts is not None:
-            deep = serialize_tensor(self.deep_prompts[start:end].detach().contiguous())
-        messages = []
-        for method, named in self.adapters:
-            msg = swarm_pb2.AdapterTensors(method=method.name, config_json=method.to_json())
-            for name, tensor in named.items():
-                if start <= int(name.split(".", 1)[0]) < end:
-                    msg.tensors[name].CopyFrom(serialize_tensor(tensor.detach().contiguous()))
-            messages.append(msg)
-        return deep, messages
 
 
 class ClientTuning(nn.Module):

@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-from client import remote
-from client.remote import RemoteSwarm
+from client import remote_swarm
+from client.remote_swarm import RemoteSwarm
 from client.routing import DEFAULT_HOP_SECONDS, MissingBlocksError, RouteFinder, RttTable
 from swarm.registry import PeerRecord, PeerState
 
@@ -164,7 +164,7 @@ def test_remote_swarm_pings_candidates_before_routing_and_avoids_dead_ones(monke
             raise ConnectionError("refused")
         return 0.002
 
-    monkeypatch.setattr(remote, "ping", ping)
+    monkeypatch.setattr(remote_swarm, "ping", ping)
     swarm = RemoteSwarm([], MODEL_ID, 30, dht=object())  # no DHT call: records are given
     records = by_block(dead, good, elsewhere)
     swarm.measure_rtts(records, 10, 30)

@@ -9,6 +9,7 @@ from peft import IA3Config, LoraConfig, PrefixTuningConfig
 from transformers import LlamaConfig
 
 from client.apps.cli_finetune import build_parser, default_lr, run_setup, tuning_modes
+from client.messages import tuning_tensors
 from client.tuning import ClientTuning, resolve_modes
 from swarm.models import get_family
 from swarm.tuning import IA3, BottleneckAdapter, ExportTarget, LoRA, PrefixTuning
@@ -65,7 +66,7 @@ def test_client_tuning_holds_each_methods_tensors(family):
     assert keys.shape == (2, 2, 16) and keys.requires_grad, "computed by the MLP, differentiable"
     payload = tuning.payload()
     assert [method.name for method, _ in payload.adapters] == ["lora", "ia3", "prefix", "bottleneck"]
-    _, messages = payload.span_messages(1, 2)
+    _, messages = tuning_tensors(payload, 1, 2)
     assert all(set(n.split(".")[0] for n in msg.tensors) == {"1"} for msg in messages), "a span gets its blocks only"
     with pytest.raises(KeyError, match="no deep_ptune adapter"):
         tuning.adapter("deep_ptune")
