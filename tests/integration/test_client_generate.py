@@ -95,7 +95,7 @@ def test_loss_and_logits_match_local(model, local):
 
 def test_model_parameters_are_only_the_clients(model):
     names = {name.split(".")[0] for name, _ in model.named_parameters()}
-    assert names == {"client"}
+    assert names == {"parts"}
     assert sum(p.numel() for p in model.parameters()) == model.config.vocab_size * model.config.hidden_size \
         + model.config.hidden_size  # tied embeddings/head + final norm: no block weights on the client
 

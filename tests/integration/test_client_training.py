@@ -71,8 +71,8 @@ def test_default_mode_trains_client_embeddings_norm_and_head(swarm, folder):
     model(input_ids=ids, labels=ids).loss.backward()
     local = local_model(folder)
     local(input_ids=ids, labels=ids).loss.backward()
-    assert_grads_close(model.client.embed_tokens.weight.grad, local.model.embed_tokens.weight.grad)
-    assert_grads_close(model.client.norm.weight.grad, local.model.norm.weight.grad)
+    assert_grads_close(model.parts.embed_tokens.weight.grad, local.model.embed_tokens.weight.grad)
+    assert_grads_close(model.parts.norm.weight.grad, local.model.norm.weight.grad)
     model.swarm.shutdown()
 
 

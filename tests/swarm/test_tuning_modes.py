@@ -102,13 +102,13 @@ def test_a_combination_round_trips_through_its_saved_folder(family, tmp_path):
     def model_with(modes, pre_seq_len=3):
         torch.manual_seed(len(modes))
         return SimpleNamespace(family=family, name_or_path="tiny", train_lm_head=False,
-                               client=family.build_client_parts(),
+                               parts=family.build_client_parts(),
                                tuning=ClientTuning(family, modes, hidden_size=64, pre_seq_len=pre_seq_len))
 
     model = model_with(["embeddings", "ptune", LoRA(rank=2), IA3(), PrefixTuning(2, projection=8),
                         BottleneckAdapter("houlsby", 8)])
     with torch.no_grad():
-        for param in list(model.tuning.parameters()) + [model.client.embed_tokens.weight]:
+        for param in list(model.tuning.parameters()) + [model.parts.embed_tokens.weight]:
             param.add_(torch.randn_like(param))
     save_adapter(model, tmp_path)
     for method, file in (("lora", "adapter_config.json"), ("ia3", "adapter_config.json"),
@@ -125,7 +125,7 @@ def test_a_combination_round_trips_through_its_saved_folder(family, tmp_path):
     load_adapter(again, tmp_path)
     for name, tensor in model.tuning.state_dict().items():
         assert torch.equal(again.tuning.state_dict()[name], tensor), name
-    assert torch.equal(again.client.embed_tokens.weight, model.client.embed_tokens.weight)
+    assert torch.equal(again.parts.embed_tokens.weight, model.parts.embed_tokens.weight)
 
     (prefix,) = read_tuning_settings(tmp_path / "prefix", target)["tuning_mode"]
     assert prefix.settings() == {"num_virtual_tokens": 2, "projection": None}
