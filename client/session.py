@@ -66,6 +66,7 @@ class InferenceSession:
         self.session_id = uuid.uuid4().hex
         self.position = 0
         self.batch_size: int | None = None
+        self.dtype: torch.dtype | None = None  # of the hidden states: each peer is opened for it
         self._hops: list[_OpenHop] = []
         self._step_id = 0
         # The last token generate chose in the previous turn: it was never sent to the peers.
@@ -90,12 +91,12 @@ class InferenceSession:
     def _open_hop(self, hop: Hop) -> _OpenHop:
         settings = self.swarm.settings
         open_msg = messages.inference_open(self.swarm.model_id, self.session_id, hop, self.max_length,
-                                           self.batch_size, torch.float32, settings.codec, self.tuning)
+                                           self.batch_size, self.dtype, settings.codec, self.tuning)
         stream = PeerConnection.to(hop.endpoint).open_inference(open_msg, settings.request_timeout)
         return _OpenHop(hop, stream)
 
-    def _open(self, batch_size: int) -> None:
-        self.batch_size = batch_size
+    def _open(self, batch_size: int, dtype: torch.dtype) -> None:
+        self.batch_size, self.dtype = batch_size, dtype
         self._hops = self._with_retries(lambda: [self._open_hop(hop) for hop in self.swarm.find_chain()])
         logger.debug("session %s opened through %s", self.session_id,
                      " -> ".join(f"{h.hop.endpoint}[{h.hop.start}:{h.hop.end})" for h in self._hops))
@@ -123,7 +124,7 @@ class InferenceSession:
                 "open a session with a larger max_length"
             )
         if not self._hops:
-            self._open(batch)
+            self._open(batch, hidden_states.dtype)
         elif batch != self.batch_size:
             raise SessionError(f"session was opened for batch {self.batch_size}, got batch {batch}")
         self._step_id += 1
