@@ -28,7 +28,7 @@ from .remote_swarm import RemoteSwarm, SwarmSettings
 from .export import load_adapter, read_tuning_settings, save_adapter
 from .sequential import RemoteBody
 from .session import InferenceSession
-from .tuning import ClientTuning, resolve_modes
+from .tuning import ClientTuning, default_ia3, resolve_modes
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             pre_seq_len = saved.get("pre_seq_len", pre_seq_len)
             train_lm_head = saved.get("train_lm_head", train_lm_head)
         lora = LoRA(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets or family.default_lora_targets)
-        modes = resolve_modes(tuning_mode, peft_config, lora)
+        modes = resolve_modes(tuning_mode, peft_config, lora, default_ia3(family))
         if modes:
             tuning = ClientTuning(family, modes, config.hidden_size, pre_seq_len, parts.embed_tokens)
         # Joined last: a bad tuning setup above is refused before a DHT node starts.

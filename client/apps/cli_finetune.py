@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-dropout", type=float, default=0.0, metavar="P", help="(default 0)")
     parser.add_argument("--lora-targets", default=None, metavar="NAMES",
                         help="comma-separated linear layers of each block, e.g. q_proj,k_proj,v_proj,o_proj "
-                             "(default self_attn.q_proj,self_attn.v_proj)")
+                             "(default: the model family's, e.g. self_attn.q_proj,self_attn.v_proj for Llama)")
     parser.add_argument("--prefix-tokens", type=int, default=16, metavar="N", help="virtual tokens of --mode prefix (default 16)")
     parser.add_argument("--prefix-projection", type=int, default=0, metavar="H",
                         help="train the prefix through an MLP with H hidden units, as PEFT's prefix_projection "
@@ -129,16 +129,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--lora-targets names no layer")
 
 
-def run_setup(args: argparse.Namespace) -> dict:
-    """The settings that fix what the trainable parameters are; a resumed run must match them."""
-    from swarm.tuning.lora import DEFAULT_TARGETS
-
+def run_setup(args: argparse.Namespace, family) -> dict:
+    """The settings that fix what the trainable parameters are; a resumed run must match them.
+    `family` (the model's ModelFamily; only --mode lora needs it) gives LoRA's default targets."""
     modes = args.mode.split(",")
     setup = {"model": args.model, "mode": args.mode}
     if "ptune" in modes or "deep_ptune" in modes:
         setup["pre_seq_len"] = args.pre_seq_len
     if "lora" in modes:
-        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else list(DEFAULT_TARGETS)
+        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else list(family.default_lora_targets)
         setup.update(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=targets)
     if "prefix" in modes:
         setup.update(prefix_tokens=args.prefix_tokens, prefix_projection=args.prefix_projection)
@@ -164,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"swarm finetune: error: {e}", file=sys.stderr)
         return 2
-    setup = run_setup(args)
+    from swarm.checkpoint import resolve_checkpoint
+    from swarm.models import get_family
+
+    setup = run_setup(args, get_family(resolve_checkpoint(args.model).config))
     state = ckpt.load_state(out) if out.exists() else None
     if state is not None:
         mismatch = ckpt.setup_mismatch(state.setup, setup)

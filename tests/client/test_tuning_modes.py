@@ -10,7 +10,7 @@ from transformers import LlamaConfig
 
 from client.apps.cli_finetune import build_parser, default_lr, run_setup, tuning_modes
 from client.messages import tuning_tensors
-from client.tuning import ClientTuning, resolve_modes
+from client.tuning import ClientTuning, default_ia3, resolve_modes
 from swarm.models import get_family
 from swarm.tuning import IA3, BottleneckAdapter, ExportTarget, LoRA, PrefixTuning
 
@@ -80,7 +80,7 @@ def test_finetune_takes_every_method_and_combinations():
     assert args.mode == "embeddings,bottleneck" and default_lr(args.mode) == 1e-4
     modes = tuning_modes(args)
     assert modes[0] == "embeddings" and modes[1].settings() == BottleneckAdapter("houlsby", 8).settings()
-    assert run_setup(args)["bottleneck_reduction"] == 8
+    assert run_setup(args, None)["bottleneck_reduction"] == 8
     args = parser.parse_args(base + ["--mode", "prefix", "--prefix-tokens", "5", "--prefix-projection", "64"])
     assert tuning_modes(args)[0].settings() == {"num_virtual_tokens": 5, "projection": 64}
     for mode in ("ia3", "lora", "ptune,lora", "deep_ptune"):
@@ -134,3 +134,37 @@ def test_a_combination_round_trips_through_its_saved_folder(family, tmp_path):
     expected = model.tuning.adapter("prefix").tensors()
     for name, tensor in plain.tuning.adapter("prefix").tensors().items():
         torch.testing.assert_close(tensor, expected[name])
+
+
+FAMILIES = {
+    "falcon": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "bloom": ("BloomConfig", dict(n_layer=2, n_head=4)),
+    "phi3": ("Phi3Config", dict(intermediate_size=96, num_key_value_heads=2)),
+    "llama": ("LlamaConfig", dict(intermediate_size=96, num_key_value_heads=2)),
+}
+
+
+def tiny_family(name: str):
+    import transformers
+
+    config_class, extra = FAMILIES[name]
+    config = getattr(transformers, config_class)(vocab_size=96, hidden_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, **extra)
+    return get_family(config)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_finetune_lora_and_ia3_default_to_the_familys_layers(name):
+    """`swarm finetune --mode lora` / `--mode ia3` without target flags train layers the model
+    has: the family's LoRA targets, and IA3 on the family's own projections."""
+    family = tiny_family(name)
+    base = ["--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x", "--data", "d.jsonl", "--out", "o"]
+    setup = run_setup(build_parser().parse_args(base + ["--mode", "lora"]), family)
+    assert setup["lora_targets"] == list(family.default_lora_targets)
+    explicit = run_setup(build_parser().parse_args(base + ["--mode", "lora", "--lora-targets", "a_proj, b_proj"]), family)
+    assert explicit["lora_targets"] == ["a_proj", "b_proj"]
+    lora = LoRA(targets=setup["lora_targets"])
+    (ia3,) = resolve_modes("ia3", ia3=default_ia3(family))
+    ClientTuning(family, [lora, ia3], hidden_size=64)  # every target names a linear of the family's blocks
+    if name == "llama":
+        assert ia3.settings() == IA3().settings(), "where IA3's defaults fit, they stay"
