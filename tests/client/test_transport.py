@@ -5,6 +5,7 @@ to steps, reports push errors, and times out a peer that stops answering."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -67,7 +68,10 @@ def test_an_inference_stream_matches_answers_to_steps(endpoint):
     assert stream.supports_push
     assert stream.step(swarm_pb2.InferenceStep(step_id=2)).position == 2, "step 1's late push_error is skipped"
     assert stream.step(swarm_pb2.InferenceStep(step_id=3)).step_id == 3
-    assert stream.push_problem(3) == "push of 3 failed"
+    deadline = time.monotonic() + 5  # push_problem does not wait: the error comes just after the answer
+    while (problem := stream.push_problem(3)) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert problem == "push of 3 failed"
     assert stream.push_problem(3) is None
     stream.close()
     with pytest.raises(PeerCallError, match="closed"):
