@@ -72,7 +72,7 @@ lock: latest-venv
 	$(LATEST)/bin/python scripts/deps.py freeze $(LOCK)
 
 demo: setup
-	$(BIN)/python -m client.demo
+	$(BIN)/python -m client.apps.demo
 
 protos: setup
 	$(BIN)/python scripts/gen_protos.py

@@ -27,7 +27,7 @@ import torch
 
 from client import AutoDistributedModelForCausalLM, SwarmSettings
 from client import transport
-from client.local_swarm import LocalSwarm
+from client.apps.local_swarm import LocalSwarm
 from swarm.checkpoint import DEFAULT_MODEL
 
 SPANS = ["0:10", "10:20", "20:30"]

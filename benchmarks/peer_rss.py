@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from client import AutoDistributedModelForCausalLM
-from client.local_swarm import LocalSwarm
+from client.apps.local_swarm import LocalSwarm
 from peer.memory import bytes_per_token
 from peer.runtime import IDLE_TRIM_SECONDS
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
-from client.local_swarm import LocalSwarm
+from client.apps.local_swarm import LocalSwarm
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 from contextlib import ExitStack
 
-from client.local_swarm import LocalSwarm
+from client.apps.local_swarm import LocalSwarm
 
 from delay_proxy import ProxyProcess
 

@@ -32,7 +32,7 @@ import torch
 from transformers import StoppingCriteria
 
 from client import AutoDistributedModelForCausalLM, SwarmSettings
-from client.local_swarm import LocalSwarm
+from client.apps.local_swarm import LocalSwarm
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 
 PROMPT = "Write a short story about a fox who learns to fly."

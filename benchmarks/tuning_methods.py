@@ -20,7 +20,7 @@ import time
 import torch
 
 from client import AutoDistributedModelForCausalLM
-from client.local_swarm import LocalSwarm
+from client.apps.local_swarm import LocalSwarm
 from client.transport import PeerConnection
 from swarm.checkpoint import DEFAULT_MODEL
 from swarm.tuning import IA3, BottleneckAdapter, LoRA, PrefixTuning

@@ -1,7 +1,7 @@
 """The user's side of swarmlm: a transformers-shaped model whose blocks run on peers."""
 
 from .model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM, RemoteCache
-from .remote import RemoteSwarm, SwarmSettings
+from .remote_swarm import RemoteSwarm, SwarmSettings
 from .routing import MissingBlocksError
 from .session import InferenceSession, SessionError
 

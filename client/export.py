@@ -45,7 +45,7 @@ def save_adapter(model, folder: str | Path) -> Path:
     family, tuning = model.family, model.tuning
     if tuning is None or model.train_lm_head or tuning.trains_embeddings:
         keys = {v: k for k, v in family.client_keys().items()}
-        state = {keys[n]: t.detach().contiguous() for n, t in model.client.state_dict().items() if n in keys}
+        state = {keys[n]: t.detach().contiguous() for n, t in model.parts.state_dict().items() if n in keys}
         save_file(state, folder / CLIENT_PARTS)
     if tuning is None:
         (folder / TUNING_JSON).write_text(json.dumps({"modes": []}, indent=2))
@@ -105,7 +105,7 @@ def load_adapter(model, folder: str | Path) -> None:
         keys = model.family.client_keys()
         state = {keys[k]: t for k, t in load_file(folder / CLIENT_PARTS).items()}
         with torch.no_grad():
-            model.client.load_state_dict(state, strict=False)
+            model.parts.load_state_dict(state, strict=False)
         if model.tuning is None:
             return
     if (folder / TUNING_TENSORS).exists():

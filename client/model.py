@@ -23,11 +23,12 @@ from swarm.models import ClientParts, get_family
 from swarm.registry import make_model_id
 from swarm.tuning import ExportTarget, LoRA
 
-from .remote import RemoteSwarm, SwarmSettings, remote_forward
+from .autograd import remote_forward
+from .remote_swarm import RemoteSwarm, SwarmSettings
 from .export import load_adapter, read_tuning_settings, save_adapter
 from .sequential import RemoteBody
 from .session import InferenceSession
-from .tuning import ClientTuning, resolve_modes
+from .tuning import ClientTuning, default_ia3, resolve_modes
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     """Use :meth:`from_pretrained`; see the README for a tour."""
 
     config_class = PretrainedConfig
-    base_model_prefix = "client"
+    base_model_prefix = "parts"  # the attribute holding the ClientParts
     main_input_name = "input_ids"
     _supports_cache_class = True
     # Attention runs on the peers; these only satisfy PreTrainedModel's init-time checks.
@@ -69,19 +70,19 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: PretrainedConfig, parts: ClientParts, swarm: RemoteSwarm,
                  tuning: ClientTuning | None = None, train_lm_head: bool = False):
         super().__init__(config)
-        self.client = parts
+        self.parts = parts
         self.swarm = swarm
         self.model = RemoteBody(swarm)  # model.model.layers: the remote blocks as a module
         self.tuning = tuning
         self.tokenizer = None
         # With a tuning method only its parameters train; without one, the client's own
         # embeddings, norm and head do (gradients reach them through the remote blocks).
-        self.client.requires_grad_(tuning is None)
+        self.parts.requires_grad_(tuning is None)
         if tuning is not None and tuning.trains_embeddings:  # a tied LM head trains with them
-            self.client.embed_tokens.requires_grad_(True)
+            self.parts.embed_tokens.requires_grad_(True)
         self.train_lm_head = train_lm_head and tuning is not None
         if self.train_lm_head:  # asked for on top of a tuning method (tied heads train the embeddings too)
-            self.client.lm_head.requires_grad_(True)
+            self.parts.lm_head.requires_grad_(True)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, initial_peers: list[str] | str = (), *, dht=None,
@@ -118,7 +119,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             pre_seq_len = saved.get("pre_seq_len", pre_seq_len)
             train_lm_head = saved.get("train_lm_head", train_lm_head)
         lora = LoRA(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets or family.default_lora_targets)
-        modes = resolve_modes(tuning_mode, peft_config, lora)
+        modes = resolve_modes(tuning_mode, peft_config, lora, default_ia3(family))
         if modes:
             tuning = ClientTuning(family, modes, config.hidden_size, pre_seq_len, parts.embed_tokens)
         # Joined last: a bad tuning setup above is refused before a DHT node starts.
@@ -134,10 +135,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     # transformers' generate and resize helpers look these up.
     def get_input_embeddings(self):
-        return self.client.embed_tokens
+        return self.parts.embed_tokens
 
     def get_output_embeddings(self):
-        return self.client.lm_head
+        return self.parts.lm_head
 
     def save_adapter(self, folder) -> None:
         """Writes what the client trained (see client/export.py: PEFT's format for LoRA, IA3 and
@@ -166,7 +167,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         # generate names the cache `cache` from transformers 5.24 on, `past_key_values` before.
         cache = pop_cache(kwargs, cache)
-        hidden = self.client.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden = self.parts.embed(input_ids) if inputs_embeds is None else inputs_embeds
         tuning = self.tuning
         prefix = tuning.prefix_length if tuning is not None else 0
         if isinstance(cache, RemoteCache):
@@ -199,7 +200,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 hidden = hidden[:, prefix:]
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.client.logits(hidden)
+        logits = self.parts.logits(hidden)
         loss = None
         if labels is not None:
             loss = ForCausalLMLoss(logits.float(), labels, vocab_size=self.config.vocab_size)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .remote import RemoteSwarm, remote_forward
+from .autograd import remote_forward
+from .remote_swarm import RemoteSwarm
 
 
 class RemoteSequential(nn.Module):

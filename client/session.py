@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swarm.wire import deserialize_tensor, serialize_tensor, swarm_pb2
+from swarm.wire import deserialize_tensor, swarm_pb2
 
-from .remote import RemoteSwarm
+from . import messages
+from .remote_swarm import RemoteSwarm
 from .routing import Hop
 from .transport import InferenceStream, PeerCallError, PeerConnection
 from .tuning import TuningPayload
@@ -65,6 +66,7 @@ class InferenceSession:
         self.session_id = uuid.uuid4().hex
         self.position = 0
         self.batch_size: int | None = None
+        self.dtype: torch.dtype | None = None  # of the hidden states: each peer is opened for it
         self._hops: list[_OpenHop] = []
         self._step_id = 0
         # The last token generate chose in the previous turn: it was never sent to the peers.
@@ -88,20 +90,13 @@ class InferenceSession:
 
     def _open_hop(self, hop: Hop) -> _OpenHop:
         settings = self.swarm.settings
-        open_msg = swarm_pb2.InferenceOpen(
-            model_id=self.swarm.model_id, session_id=self.session_id, start=hop.start, end=hop.end,
-            max_length=self.max_length, batch_size=self.batch_size, dtype="float32",
-            response_codec=settings.codec,
-        )
-        deep_prompts, adapters = self.tuning.span_messages(hop.start, hop.end)
-        if deep_prompts is not None:
-            open_msg.deep_prompts.CopyFrom(deep_prompts)
-        open_msg.adapters.extend(adapters)
+        open_msg = messages.inference_open(self.swarm.model_id, self.session_id, hop, self.max_length,
+                                           self.batch_size, self.dtype, settings.codec, self.tuning)
         stream = PeerConnection.to(hop.endpoint).open_inference(open_msg, settings.request_timeout)
         return _OpenHop(hop, stream)
 
-    def _open(self, batch_size: int) -> None:
-        self.batch_size = batch_size
+    def _open(self, batch_size: int, dtype: torch.dtype) -> None:
+        self.batch_size, self.dtype = batch_size, dtype
         self._hops = self._with_retries(lambda: [self._open_hop(hop) for hop in self.swarm.find_chain()])
         logger.debug("session %s opened through %s", self.session_id,
                      " -> ".join(f"{h.hop.endpoint}[{h.hop.start}:{h.hop.end})" for h in self._hops))
@@ -129,18 +124,12 @@ class InferenceSession:
                 "open a session with a larger max_length"
             )
         if not self._hops:
-            self._open(batch)
+            self._open(batch, hidden_states.dtype)
         elif batch != self.batch_size:
             raise SessionError(f"session was opened for batch {self.batch_size}, got batch {batch}")
         self._step_id += 1
-        step = swarm_pb2.InferenceStep(step_id=self._step_id, position=self.position)
-        step.hidden_states.CopyFrom(serialize_tensor(hidden_states.detach(), self.swarm.settings.codec))
-        if attention_mask is not None:
-            step.attention_mask.CopyFrom(serialize_tensor(attention_mask.long()))
-        if position_ids is not None:
-            step.position_ids.CopyFrom(serialize_tensor(position_ids.long()))
-        if hypo_ids is not None:
-            step.hypo_ids.CopyFrom(serialize_tensor(hypo_ids.long()))
+        step = messages.inference_step(self._step_id, self.position, hidden_states, self.swarm.settings.codec,
+                                       attention_mask, position_ids, hypo_ids)
         output = self._run(step)
         self.position += new
         return deserialize_tensor(output).to(hidden_states.dtype)
@@ -167,7 +156,7 @@ class InferenceSession:
                 # before failing): they drop a second copy, and their answers are waiting.
                 fed = fed[:index] + [None] * (len(self._hops) - index)
                 continue
-            self._hops[index].history.append(_as_sent(step, inputs))
+            self._hops[index].history.append(messages.step_as_sent(step, inputs))
             inputs = answer.hidden_states
             index += 1
         return inputs
@@ -182,7 +171,7 @@ class InferenceSession:
     def _feed(self, index: int, step: swarm_pb2.InferenceStep, inputs: swarm_pb2.Tensor, fed: list) -> None:
         """Sends hop `index` its input for `step`, asking it to push the step on through as
         many of the next hops as support it."""
-        message = _as_sent(step, inputs)
+        message = messages.step_as_sent(step, inputs)
         last = index
         while self._pushes_on(last):
             last += 1
@@ -225,7 +214,7 @@ class InferenceSession:
         for past in failed.history:
             inputs = past.hidden_states
             for open_hop in replacement:
-                step = _as_sent(past, inputs)
+                step = messages.step_as_sent(past, inputs)
                 inputs = open_hop.stream.step(step).hidden_states
                 open_hop.history.append(step)
         self._hops[index:index + 1] = replacement
@@ -235,12 +224,3 @@ class InferenceSession:
             self.closed = True
             for open_hop in self._hops:
                 open_hop.stream.close()
-
-
-def _as_sent(step: swarm_pb2.InferenceStep, inputs: swarm_pb2.Tensor) -> swarm_pb2.InferenceStep:
-    """`step` as one hop receives it: `inputs` as its hidden states, no push targets."""
-    sent = swarm_pb2.InferenceStep()
-    sent.CopyFrom(step)
-    sent.ClearField("push_to")
-    sent.hidden_states.CopyFrom(inputs)
-    return sent

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from swarm.models import ModelFamily
-from swarm.tuning import METHODS, AdapterError, AdapterMethod, LoRA
-from swarm.wire import serialize_tensor, swarm_pb2
+from swarm.tuning import IA3, METHODS, AdapterError, AdapterMethod, LoRA
+from swarm.tuning import ia3 as ia3_defaults
 
 CLIENT_MODES = ("ptune", "deep_ptune", "embeddings")
 TUNING_MODES = CLIENT_MODES + tuple(METHODS)
@@ -45,10 +45,34 @@ def method_from_peft_config(config) -> AdapterMethod:
     raise ValueError(f"PEFT method {peft_type} has no swarmlm counterpart; swarmlm takes PEFT configs of: {known}")
 
 
-def resolve_modes(tuning_mode, peft_config=None, lora: LoRA | None = None) -> list[str | AdapterMethod]:
+def _meta_layer(family: ModelFamily, block: int) -> nn.Module:
+    """Block `block` as the family builds it, without memory (for names and shapes)."""
+    with torch.device("meta"):
+        return family.build_layers(family.span_config(block, block + 1))[0]
+
+
+def default_ia3(family: ModelFamily) -> IA3:
+    """IA3 for the string "ia3": its own defaults (k, v and down projections) where the
+    family's blocks have those layers; else the family's declared attention projections (its
+    LoRA targets) plus the defaults' feed-forward layer where the blocks have it."""
+    linears = [n for n, m in _meta_layer(family, 0).named_modules() if isinstance(m, nn.Linear)]
+
+    def present(target: str) -> bool:
+        return any(n == target or n.endswith("." + target) for n in linears)
+
+    if all(present(t) for t in ia3_defaults.DEFAULT_TARGETS):
+        return IA3()
+    feedforward = [t for t in ia3_defaults.DEFAULT_FEEDFORWARD if present(t)]
+    return IA3(targets=[*family.default_lora_targets, *feedforward], feedforward=feedforward)
+
+
+def resolve_modes(tuning_mode, peft_config=None, lora: LoRA | None = None,
+                  ia3: IA3 | None = None) -> list[str | AdapterMethod]:
     """`tuning_mode` as from_pretrained takes it (a name, a method object, a PEFT config, or a
-    list of them) -> client mode names and method objects. `lora` stands for the string "lora";
-    `peft_config` replaces the method of its kind, or joins the list."""
+    list of them) -> client mode names and method objects. `lora` and `ia3` stand for the
+    strings "lora" and "ia3" (default: the methods' own defaults); `peft_config` replaces the
+    method of its kind, or joins the list."""
+    named = {"lora": lora, "ia3": ia3}
     if tuning_mode is None:
         items = []
     elif isinstance(tuning_mode, (list, tuple)):
@@ -62,7 +86,7 @@ def resolve_modes(tuning_mode, peft_config=None, lora: LoRA | None = None) -> li
         if isinstance(item, str) and item in CLIENT_MODES:
             resolved.append(item)
         elif isinstance(item, str) and item in METHODS:
-            resolved.append((lora or LoRA()) if item == "lora" else METHODS[item]())
+            resolved.append(named.get(item) or METHODS[item]())
         elif isinstance(item, AdapterMethod):
             resolved.append(item)
         elif hasattr(item, "peft_type"):
@@ -88,9 +112,7 @@ class ClientAdapter(nn.Module):
         self.method = method
         shapes = {}
         for block in range(family.num_blocks):
-            with torch.device("meta"):
-                layer = family.build_layers(family.span_config(block, block + 1))[0]
-            shapes.update({f"{block}.{name}": shape for name, shape in method.tensor_shapes(layer).items()})
+            shapes.update({f"{block}.{name}": shape for name, shape in method.tensor_shapes(_meta_layer(family, block)).items()})
         self.params = nn.ParameterDict()
         self.encoder = method.client_encoder(shapes)
         if self.encoder is None:
@@ -145,20 +167,6 @@ class TuningPayload:
 
     def __bool__(self) -> bool:
         return self.deep_prompts is not None or bool(self.adapters)
-
-    def span_messages(self, start: int, end: int) -> tuple[swarm_pb2.Tensor | None, list[swarm_pb2.AdapterTensors]]:
-        """What a request for blocks [start, end) carries."""
-        deep = None
-        if self.deep_prompts is not None:
-            deep = serialize_tensor(self.deep_prompts[start:end].detach().contiguous())
-        messages = []
-        for method, named in self.adapters:
-            msg = swarm_pb2.AdapterTensors(method=method.name, config_json=method.to_json())
-            for name, tensor in named.items():
-                if start <= int(name.split(".", 1)[0]) < end:
-                    msg.tensors[name].CopyFrom(serialize_tensor(tensor.detach().contiguous()))
-            messages.append(msg)
-        return deep, messages
 
 
 class ClientTuning(nn.Module):

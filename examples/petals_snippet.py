@@ -34,7 +34,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         run(sys.argv[1:])
     else:
-        from client.local_swarm import LocalSwarm
+        from client.apps.local_swarm import LocalSwarm
 
         with LocalSwarm(["0:10", "10:20", "20:30"]) as swarm:
             run(swarm.initial_peers)

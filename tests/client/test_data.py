@@ -1,4 +1,4 @@
-"""client/data.py: JSONL parsing, label masking, padding and resumable batch order."""
+"""client/apps/data.py: JSONL parsing, label masking, padding and resumable batch order."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from client.data import (IGNORE_INDEX, BatchStream, DataError, Record, collate, pad_id_of, parse_line, read_jsonl,
+from client.apps.data import (IGNORE_INDEX, BatchStream, DataError, Record, collate, pad_id_of, parse_line, read_jsonl,
                          tokenize)
 
 

@@ -9,22 +9,12 @@ from collections import Counter
 
 import pytest
 
-from client import remote
-from client.remote import RemoteSwarm
+from client import remote_swarm
+from client.remote_swarm import RemoteSwarm
 from client.routing import DEFAULT_HOP_SECONDS, MissingBlocksError, RouteFinder, RttTable
 from swarm.registry import PeerRecord, PeerState
+from tests.client.fakes import MODEL_ID, by_block, peer
 
-MODEL_ID = "m-ab12cd34"
-
-
-def peer(name: str, start: int, end: int, throughput: float = 100.0, port: int | None = None) -> PeerRecord:
-    return PeerRecord(model_id=MODEL_ID, peer_id=name, endpoint=f"127.0.0.1:{port or 2000 + sum(map(ord, name))}",
-                      start=start, end=end, state=PeerState.online, throughput=throughput, cache_tokens_free=0,
-                      dtype="float32", version="0", fingerprint="")
-
-
-def by_block(*peers: PeerRecord, num_blocks: int = 30) -> dict[int, list[PeerRecord]]:
-    return {i: [p for p in peers if i in p.span] for i in range(num_blocks)}
 
 
 def route(routes: RouteFinder, records, **kwargs) -> list[str]:
@@ -104,10 +94,20 @@ def test_training_never_draws_a_replica_far_slower_than_the_best():
     assert draws(routes, by_block(near, far), n=500) == Counter({("near",): 500})
 
 
-def test_inference_is_deterministic():
-    records = by_block(peer("a", 0, 30), peer("b", 0, 30))
+def test_inference_is_deterministic_and_training_draws_follow_the_seed():
+    records = by_block(peer("a", 0, 10), peer("b", 0, 10), peer("c", 10, 30), peer("d", 10, 30))
+    # Inference: the cheapest chain, whatever the rng has drawn before (ties included: equal costs).
     routes = RouteFinder(MODEL_ID, 30, rng=random.Random(0))
-    assert len({tuple(route(routes, records)) for _ in range(50)}) == 1
+    first = route(routes, records)
+    for _ in range(20):
+        route(routes, records, randomize=True)
+        assert route(routes, records) == first
+    # Training: the draws are the seed's, the same for the same seed and not for another one.
+    runs = {seed: [tuple(route(finder, records, randomize=True)) for _ in range(40)]
+            for seed, finder in ((s, RouteFinder(MODEL_ID, 30, rng=random.Random(s))) for s in (1, 2))}
+    again = RouteFinder(MODEL_ID, 30, rng=random.Random(1))
+    assert [tuple(route(again, records, randomize=True)) for _ in range(40)] == runs[1]
+    assert runs[1] != runs[2] and len(set(runs[1])) == 4, "four equally good chains, all drawn"
 
 
 # --- measuring round trips ---------------------------------------------------------------------
@@ -164,10 +164,37 @@ def test_remote_swarm_pings_candidates_before_routing_and_avoids_dead_ones(monke
             raise ConnectionError("refused")
         return 0.002
 
-    monkeypatch.setattr(remote, "ping", ping)
-    swarm = RemoteSwarm([], MODEL_ID, 30, dht=object())  # no DHT call: records are given
-    records = by_block(dead, good, elsewhere)
-    swarm.measure_rtts(records, 10, 30)
-    assert sorted(pinged) == sorted([dead.endpoint, good.endpoint])  # `elsewhere` serves no part of 10:30
-    assert route(swarm.routes, records, start=10) == ["good"]
+    monkeypatch.setattr(remote_swarm, "ping", ping)
+    swarm = RemoteSwarm([], MODEL_ID, 30, dht=object())
+    swarm.records = lambda refresh=False: by_block(dead, good, elsewhere)  # no DHT call: records are given
+    chosen = []
+    find = swarm.routes.find_chain
+
+    def find_chain(records, start=0, end=None, randomize=False):
+        chosen.append(list(pinged))  # what was pinged by the time the route is chosen
+        return find(records, start, end, randomize)
+
+    monkeypatch.setattr(swarm.routes, "find_chain", find_chain)
+    assert [hop.peer.peer_id for hop in swarm.find_chain(10, 30)] == ["good"]
+    assert chosen == [pinged] and sorted(pinged) == sorted([dead.endpoint, good.endpoint]), \
+        "both candidates pinged before the route was chosen; `elsewhere` serves no part of 10:30"
     assert swarm.routes.rtt[good.endpoint] == 0.002
+
+
+# --- a client that requires full precision --------------------------------------------------------------
+
+
+def record(name: str, start: int, end: int, quant: str = "none") -> PeerRecord:
+    return peer(name, start, end).model_copy(update={"quant": quant})
+
+
+def test_routes_avoid_quantized_peers_when_asked():
+    peers = [record("full-a", 0, 2), record("q", 2, 4, quant="int8"), record("full-bb", 2, 4)]
+    records = by_block(*peers, num_blocks=4)
+    strict = RouteFinder(MODEL_ID, 4, allow_quantized=False)
+    assert [hop.peer.peer_id for hop in strict.find_chain(records)] == ["full-a", "full-bb"]
+    only_quantized = {i: [p for p in rs if p.peer_id != "full-bb"] for i, rs in records.items()}
+    with pytest.raises(MissingBlocksError, match="blocks 2-3 are served only by quantized peers") as error:
+        strict.find_chain(only_quantized)
+    assert error.value.missing == [2, 3]
+    assert [hop.peer.peer_id for hop in RouteFinder(MODEL_ID, 4).find_chain(only_quantized)] == ["full-a", "q"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from client import AutoDistributedModelForCausalLM, MissingBlocksError, SwarmSettings
-from client.local_swarm import LocalSwarm
+from client.apps.local_swarm import LocalSwarm
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 
 pytestmark = pytest.mark.integration

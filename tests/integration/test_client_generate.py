@@ -95,7 +95,7 @@ def test_loss_and_logits_match_local(model, local):
 
 def test_model_parameters_are_only_the_clients(model):
     names = {name.split(".")[0] for name, _ in model.named_parameters()}
-    assert names == {"client"}
+    assert names == {"parts"}
     assert sum(p.numel() for p in model.parameters()) == model.config.vocab_size * model.config.hidden_size \
         + model.config.hidden_size  # tied embeddings/head + final norm: no block weights on the client
 
@@ -103,8 +103,22 @@ def test_model_parameters_are_only_the_clients(model):
 @pytest.mark.compat
 def test_demo_answers_as_local_transformers(model, local):
     """`make demo`'s own code path: its answer is local transformers' greedy answer."""
-    from client.demo import answer
+    from client.apps.demo import answer
 
     ours, _ = answer(model, model.tokenizer)
     theirs, _ = answer(local, model.tokenizer)
     assert ours == theirs == "The capital of France is Paris."
+
+
+def test_a_bfloat16_client_generates(swarm):
+    """Its sessions open for bfloat16, the dtype its hidden states have (peers refuse steps of
+    another dtype than the session's), and its generate runs through them."""
+    bf16 = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=swarm.initial_peers,
+                                                           dtype=torch.bfloat16)
+    try:
+        inputs = bf16.tokenizer("The capital of France is", return_tensors="pt")
+        ours = bf16.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert ours.shape[1] == inputs["input_ids"].shape[1] + 4
+        assert bf16(**inputs).logits.dtype == torch.bfloat16
+    finally:
+        bf16.swarm.shutdown()

@@ -71,8 +71,8 @@ def test_default_mode_trains_client_embeddings_norm_and_head(swarm, folder):
     model(input_ids=ids, labels=ids).loss.backward()
     local = local_model(folder)
     local(input_ids=ids, labels=ids).loss.backward()
-    assert_grads_close(model.client.embed_tokens.weight.grad, local.model.embed_tokens.weight.grad)
-    assert_grads_close(model.client.norm.weight.grad, local.model.norm.weight.grad)
+    assert_grads_close(model.parts.embed_tokens.weight.grad, local.model.embed_tokens.weight.grad)
+    assert_grads_close(model.parts.norm.weight.grad, local.model.norm.weight.grad)
     model.swarm.shutdown()
 
 
@@ -218,7 +218,7 @@ def test_lm_head_trains_only_when_asked_and_round_trips(swarm, tmp_path):
     assert [n for n, p in plain.named_parameters() if p.requires_grad] == ["tuning.prompts"]
     model = distributed(swarm, tuning_mode="ptune", pre_seq_len=PREFIX, train_lm_head=True)
     # SmolLM2 ties its head to the embeddings, so the shared weight is listed under its first name.
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"tuning.prompts", "client.embed_tokens.weight"}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"tuning.prompts", "parts.embed_tokens.weight"}
     ids = token_ids(model)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model(input_ids=ids, labels=ids).loss.backward()

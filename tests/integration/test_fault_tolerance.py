@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, StoppingCriteria
 
 from client import AutoDistributedModelForCausalLM, SwarmSettings
-from client.local_swarm import LocalSwarm
+from client.apps.local_swarm import LocalSwarm
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -76,7 +76,7 @@ def test_training_step_survives_a_dead_peer(replicated_swarm, caplog):
     dead, alive = replicated_swarm.endpoints[1], replicated_swarm.endpoints[2]
     kill_9(replicated_swarm, dead)
     model.swarm.routes.rtt[alive] = 1e6  # routing would pick the dead replica first: its failure must be survived
-    with caplog.at_level("WARNING", logger="client.remote"):
+    with caplog.at_level("WARNING", logger="client.remote_swarm"):
         model(input_ids=ids, labels=ids).loss.backward()
     assert dead in caplog.text and "retrying on other peers" in caplog.text
     torch.testing.assert_close(model.tuning.prompts.grad, expected, rtol=1e-5, atol=1e-7)

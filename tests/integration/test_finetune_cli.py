@@ -17,8 +17,8 @@ from typing import Iterator
 import pytest
 import torch
 
-from client.cli_finetune import main
-from client.local_swarm import LocalSwarm
+from client.apps.cli_finetune import main
+from client.apps.local_swarm import LocalSwarm
 from tests.procs import REPO_ROOT, output, running, wait_for_line
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 SCRIPT = """
 import time
-from client.local_swarm import LocalSwarm
+from client.apps.local_swarm import LocalSwarm
 with LocalSwarm(["0:10"]) as swarm:
     print(" ".join(str(p.pid) for p in swarm.procs), flush=True)
     time.sleep(600)

@@ -96,9 +96,9 @@ def test_rolling_back_through_push_matches_local(model, local):
     other = model.tokenizer(" seven eight", return_tensors="pt", add_special_tokens=False)["input_ids"]
     keep = 3
     with torch.no_grad(), model.inference_session(max_length=32) as session:
-        first = model.client.logits(session.step(model.client.embed(ids)))
+        first = model.parts.logits(session.step(model.parts.embed(ids)))
         session.position = keep  # forget everything after the first `keep` tokens
-        second = model.client.logits(session.step(model.client.embed(other)))
+        second = model.parts.logits(session.step(model.parts.embed(other)))
         pushed = pushed_in(session.endpoints, session.session_id)
         held = [s.position for endpoint in session.endpoints for s in PeerConnection.to(endpoint).info().sessions
                 if s.session_id == session.session_id]
@@ -200,8 +200,8 @@ def test_lossy_codecs_through_push_stay_close_to_local(model, local, codec, atol
     model.swarm.settings.codec = codec
     try:
         with torch.no_grad(), model.inference_session(max_length=32) as session:
-            prefill = model.client.logits(session.step(model.client.embed(ids[:, :-1])))
-            step = model.client.logits(session.step(model.client.embed(ids[:, -1:])))
+            prefill = model.parts.logits(session.step(model.parts.embed(ids[:, :-1])))
+            step = model.parts.logits(session.step(model.parts.embed(ids[:, -1:])))
             pushed = pushed_in(session.endpoints, session.session_id)
     finally:
         model.swarm.settings.codec = "raw"

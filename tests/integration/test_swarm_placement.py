@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from client.remote import RemoteSwarm
+from client.remote_swarm import RemoteSwarm
 from swarm.checkpoint import DEFAULT_MODEL, config_fingerprint, resolve_checkpoint
 from swarm.registry import PeerState, make_model_id
 from swarm.wire import swarm_pb2

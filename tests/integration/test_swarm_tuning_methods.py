@@ -136,7 +136,7 @@ def test_prefix_through_its_mlp_step_matches_peft(swarm, folder):
 def test_emb_plus_houlsby_adapters_step_matches_plain_modules(swarm, folder):
     """The lectures' Emb+Adpt: the client's token embeddings and bottleneck adapters train together."""
     model = perturbed(distributed(swarm, tuning_mode=["embeddings", BottleneckAdapter("houlsby")]), scale=0.02)
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"client.embed_tokens.weight"} | {
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"parts.embed_tokens.weight"} | {
         f"tuning.adapters.0.params.{k}" for k in model.tuning.adapter("bottleneck").params.keys()}
     ids = ids_of(model)
     loss = swarm_step(model, ids)
@@ -149,7 +149,7 @@ def test_emb_plus_houlsby_adapters_step_matches_plain_modules(swarm, folder):
     for handle in handles:
         handle.remove()
     torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-4, atol=1e-4)
-    assert_grads_close(model.client.embed_tokens.weight.grad, local.model.embed_tokens.weight.grad, "embeddings")
+    assert_grads_close(model.parts.embed_tokens.weight.grad, local.model.embed_tokens.weight.grad, "embeddings")
     for key, module in modules.items():
         for part in ("down", "up"):
             for kind in ("weight", "bias"):

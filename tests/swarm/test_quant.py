@@ -13,7 +13,6 @@ from swarm.checkpoint import Checkpoint
 from swarm.loading import load_span
 from swarm.quant import (Int8Linear, QuantizationError, bitsandbytes_installed, check_quant, quantize_layers,
                          weight_bytes)
-from swarm.registry import PeerRecord, PeerState
 from swarm.tuning import AdapterSet, LoRA
 
 SPAN = (0, 4)
@@ -193,26 +192,3 @@ def test_bitsandbytes_int8_runs_forward_and_backward(smollm2, full, inputs):
     adapters = [lora_set(span)]
     actual, expected = span.backward(hidden, grad, adapters=adapters), full.backward(hidden, grad, adapters=adapters)
     assert relative_error(actual.hidden_states, expected.hidden_states) < GRADIENT_TOLERANCE["int8"]
-
-
-# --- a client that requires full precision --------------------------------------------------------------
-
-
-def record(peer: str, start: int, end: int, quant: str = "none") -> PeerRecord:
-    return PeerRecord(model_id="m-12345678", peer_id=peer, endpoint=f"127.0.0.1:{1000 + len(peer)}", start=start,
-                      end=end, state=PeerState.online, throughput=100.0, cache_tokens_free=100, dtype="float32",
-                      quant=quant, version="0", fingerprint="f")
-
-
-def test_routes_avoid_quantized_peers_when_asked():
-    from client.routing import MissingBlocksError, RouteFinder
-
-    peers = [record("full-a", 0, 2), record("q", 2, 4, quant="int8"), record("full-bb", 2, 4)]
-    by_block = {i: [p for p in peers if i in p.span] for i in range(4)}
-    strict = RouteFinder("m-12345678", 4, allow_quantized=False)
-    assert [hop.peer.peer_id for hop in strict.find_chain(by_block)] == ["full-a", "full-bb"]
-    only_quantized = {i: [p for p in rs if p.peer_id != "full-bb"] for i, rs in by_block.items()}
-    with pytest.raises(MissingBlocksError, match="blocks 2-3 are served only by quantized peers") as error:
-        strict.find_chain(only_quantized)
-    assert error.value.missing == [2, 3]
-    assert [hop.peer.peer_id for hop in RouteFinder("m-12345678", 4).find_chain(only_quantized)] == ["full-a", "q"]

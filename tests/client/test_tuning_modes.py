@@ -8,8 +8,9 @@ import torch
 from peft import IA3Config, LoraConfig, PrefixTuningConfig
 from transformers import LlamaConfig
 
-from client.cli_finetune import build_parser, default_lr, run_setup, tuning_modes
-from client.tuning import ClientTuning, resolve_modes
+from client.apps.cli_finetune import build_parser, default_lr, run_setup, tuning_modes
+from client.messages import tuning_tensors
+from client.tuning import ClientTuning, default_ia3, resolve_modes
 from swarm.models import get_family
 from swarm.tuning import IA3, BottleneckAdapter, ExportTarget, LoRA, PrefixTuning
 
@@ -65,7 +66,7 @@ def test_client_tuning_holds_each_methods_tensors(family):
     assert keys.shape == (2, 2, 16) and keys.requires_grad, "computed by the MLP, differentiable"
     payload = tuning.payload()
     assert [method.name for method, _ in payload.adapters] == ["lora", "ia3", "prefix", "bottleneck"]
-    _, messages = payload.span_messages(1, 2)
+    _, messages = tuning_tensors(payload, 1, 2)
     assert all(set(n.split(".")[0] for n in msg.tensors) == {"1"} for msg in messages), "a span gets its blocks only"
     with pytest.raises(KeyError, match="no deep_ptune adapter"):
         tuning.adapter("deep_ptune")
@@ -79,7 +80,7 @@ def test_finetune_takes_every_method_and_combinations():
     assert args.mode == "embeddings,bottleneck" and default_lr(args.mode) == 1e-4
     modes = tuning_modes(args)
     assert modes[0] == "embeddings" and modes[1].settings() == BottleneckAdapter("houlsby", 8).settings()
-    assert run_setup(args)["bottleneck_reduction"] == 8
+    assert run_setup(args, None)["bottleneck_reduction"] == 8
     args = parser.parse_args(base + ["--mode", "prefix", "--prefix-tokens", "5", "--prefix-projection", "64"])
     assert tuning_modes(args)[0].settings() == {"num_virtual_tokens": 5, "projection": 64}
     for mode in ("ia3", "lora", "ptune,lora", "deep_ptune"):
@@ -101,13 +102,13 @@ def test_a_combination_round_trips_through_its_saved_folder(family, tmp_path):
     def model_with(modes, pre_seq_len=3):
         torch.manual_seed(len(modes))
         return SimpleNamespace(family=family, name_or_path="tiny", train_lm_head=False,
-                               client=family.build_client_parts(),
+                               parts=family.build_client_parts(),
                                tuning=ClientTuning(family, modes, hidden_size=64, pre_seq_len=pre_seq_len))
 
     model = model_with(["embeddings", "ptune", LoRA(rank=2), IA3(), PrefixTuning(2, projection=8),
                         BottleneckAdapter("houlsby", 8)])
     with torch.no_grad():
-        for param in list(model.tuning.parameters()) + [model.client.embed_tokens.weight]:
+        for param in list(model.tuning.parameters()) + [model.parts.embed_tokens.weight]:
             param.add_(torch.randn_like(param))
     save_adapter(model, tmp_path)
     for method, file in (("lora", "adapter_config.json"), ("ia3", "adapter_config.json"),
@@ -124,7 +125,7 @@ def test_a_combination_round_trips_through_its_saved_folder(family, tmp_path):
     load_adapter(again, tmp_path)
     for name, tensor in model.tuning.state_dict().items():
         assert torch.equal(again.tuning.state_dict()[name], tensor), name
-    assert torch.equal(again.client.embed_tokens.weight, model.client.embed_tokens.weight)
+    assert torch.equal(again.parts.embed_tokens.weight, model.parts.embed_tokens.weight)
 
     (prefix,) = read_tuning_settings(tmp_path / "prefix", target)["tuning_mode"]
     assert prefix.settings() == {"num_virtual_tokens": 2, "projection": None}
@@ -133,3 +134,37 @@ def test_a_combination_round_trips_through_its_saved_folder(family, tmp_path):
     expected = model.tuning.adapter("prefix").tensors()
     for name, tensor in plain.tuning.adapter("prefix").tensors().items():
         torch.testing.assert_close(tensor, expected[name])
+
+
+FAMILIES = {
+    "falcon": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "bloom": ("BloomConfig", dict(n_layer=2, n_head=4)),
+    "phi3": ("Phi3Config", dict(intermediate_size=96, num_key_value_heads=2)),
+    "llama": ("LlamaConfig", dict(intermediate_size=96, num_key_value_heads=2)),
+}
+
+
+def tiny_family(name: str):
+    import transformers
+
+    config_class, extra = FAMILIES[name]
+    config = getattr(transformers, config_class)(vocab_size=96, hidden_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, **extra)
+    return get_family(config)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_finetune_lora_and_ia3_default_to_the_familys_layers(name):
+    """`swarm finetune --mode lora` / `--mode ia3` without target flags train layers the model
+    has: the family's LoRA targets, and IA3 on the family's own projections."""
+    family = tiny_family(name)
+    base = ["--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x", "--data", "d.jsonl", "--out", "o"]
+    setup = run_setup(build_parser().parse_args(base + ["--mode", "lora"]), family)
+    assert setup["lora_targets"] == list(family.default_lora_targets)
+    explicit = run_setup(build_parser().parse_args(base + ["--mode", "lora", "--lora-targets", "a_proj, b_proj"]), family)
+    assert explicit["lora_targets"] == ["a_proj", "b_proj"]
+    lora = LoRA(targets=setup["lora_targets"])
+    (ia3,) = resolve_modes("ia3", ia3=default_ia3(family))
+    ClientTuning(family, [lora, ia3], hidden_size=64)  # every target names a linear of the family's blocks
+    if name == "llama":
+        assert ia3.settings() == IA3().settings(), "where IA3's defaults fit, they stay"

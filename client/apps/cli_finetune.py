@@ -5,7 +5,7 @@ client's embeddings/norm/head) through the swarm on a JSONL file, resumably.
 The story of a run: read and check the data (before touching the network), look in --out for
 a previous save, join the swarm, then step: batch -> forward/backward through the peers ->
 AdamW. Every --save-every steps, and at the end, the state, loss curve and adapter are
-written atomically (see client/checkpointing.py). Re-running the same command carries on
+written atomically (see client/apps/run_state.py). Re-running the same command carries on
 from the last save; Ctrl-C finishes the current step, saves and exits.
 """
 
@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from swarm.checkpoint import DEFAULT_MODEL
@@ -25,7 +21,6 @@ from swarm.checkpoint import DEFAULT_MODEL
 MODES = ("ptune", "deep_ptune", "embeddings", "lora", "ia3", "prefix", "bottleneck", "none")
 DEFAULT_LR = {"ptune": 1e-2, "deep_ptune": 1e-2, "embeddings": 1e-4, "lora": 1e-3, "ia3": 1e-2, "prefix": 1e-2,
               "bottleneck": 1e-3, "none": 1e-5}
-EXIT_INTERRUPTED = 130  # what shells report for a Ctrl-C'd command
 
 EPILOG = f"""\
 data: a JSONL file, one example a line, either
@@ -71,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-dropout", type=float, default=0.0, metavar="P", help="(default 0)")
     parser.add_argument("--lora-targets", default=None, metavar="NAMES",
                         help="comma-separated linear layers of each block, e.g. q_proj,k_proj,v_proj,o_proj "
-                             "(default self_attn.q_proj,self_attn.v_proj)")
+                             "(default: the model family's, e.g. self_attn.q_proj,self_attn.v_proj for Llama)")
     parser.add_argument("--prefix-tokens", type=int, default=16, metavar="N", help="virtual tokens of --mode prefix (default 16)")
     parser.add_argument("--prefix-projection", type=int, default=0, metavar="H",
                         help="train the prefix through an MLP with H hidden units, as PEFT's prefix_projection "
@@ -134,58 +129,21 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--lora-targets names no layer")
 
 
-def run_setup(args: argparse.Namespace) -> dict:
-    """The settings that fix what the trainable parameters are; a resumed run must match them."""
-    from swarm.tuning.lora import DEFAULT_TARGETS
-
+def run_setup(args: argparse.Namespace, family) -> dict:
+    """The settings that fix what the trainable parameters are; a resumed run must match them.
+    `family` (the model's ModelFamily; only --mode lora needs it) gives LoRA's default targets."""
     modes = args.mode.split(",")
     setup = {"model": args.model, "mode": args.mode}
     if "ptune" in modes or "deep_ptune" in modes:
         setup["pre_seq_len"] = args.pre_seq_len
     if "lora" in modes:
-        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else list(DEFAULT_TARGETS)
+        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else list(family.default_lora_targets)
         setup.update(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=targets)
     if "prefix" in modes:
         setup.update(prefix_tokens=args.prefix_tokens, prefix_projection=args.prefix_projection)
     if "bottleneck" in modes:
         setup.update(bottleneck_placement=args.bottleneck_placement, bottleneck_reduction=args.bottleneck_reduction)
     return setup
-
-
-class GracefulStop:
-    """Ctrl-C once: finish the step, save, exit. Twice: abandon the step now (only while it waits
-    on the network; never halfway through an optimizer update), still saving the last whole step."""
-
-    def __init__(self):
-        self.requested = False
-        self._interruptible = False
-        self._previous = None
-
-    def __enter__(self) -> "GracefulStop":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and self._interruptible:
-            raise KeyboardInterrupt
-        if not self.requested:
-            self.requested = True
-            print("\nstopping after this step to save it (Ctrl-C again to abandon the step)", file=sys.stderr, flush=True)
-
-    @contextmanager
-    def interruptible(self):
-        self._interruptible = True
-        try:
-            if self.requested:
-                raise KeyboardInterrupt
-            yield
-        finally:
-            self._interruptible = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
-    from client import checkpointing as ckpt
-    from client.data import DataError, file_digest, read_jsonl
+    from . import run_state as ckpt
+    from .data import DataError, file_digest, read_jsonl
+    from .trainer import train
 
     out = Path(args.out)
     try:
@@ -204,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"swarm finetune: error: {e}", file=sys.stderr)
         return 2
-    setup = run_setup(args)
+    from swarm.checkpoint import resolve_checkpoint
+    from swarm.models import get_family
+
+    setup = run_setup(args, get_family(resolve_checkpoint(args.model).config))
     state = ckpt.load_state(out) if out.exists() else None
     if state is not None:
         mismatch = ckpt.setup_mismatch(state.setup, setup)
@@ -230,103 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         if model.tokenizer is None:
             print(f"swarm finetune: error: {args.model} has no tokenizer to read the data with", file=sys.stderr)
             return 2
-        return train(model, args, out, records, state, setup, file_digest(args.data))
+        return train(model, args, out, records, state, setup, file_digest(args.data),
+                     args.lr or default_lr(args.mode))
     except DataError as e:
         print(f"swarm finetune: error: {e}", file=sys.stderr)
         return 2
     finally:
         model.swarm.shutdown()
-
-
-def train(model, args: argparse.Namespace, out: Path, records, state, setup: dict, digest: str) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from client import checkpointing as ckpt
-    from client.data import BatchStream, pad_id_of, tokenize
-
-    examples = tokenize(records, model.tokenizer, args.max_length, path=args.data)
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(list(params.values()), lr=args.lr or default_lr(args.mode), weight_decay=0.0)
-    losses: list[float] = []
-    position = 0
-    if state is not None:
-        if state.trainable.keys() != params.keys():
-            raise RuntimeError(f"{out / ckpt.STATE_FILE} holds parameters {sorted(state.trainable)[:3]}..., "
-                               f"this model trains {sorted(params)[:3]}...; use a fresh --out")
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(state.trainable[name])
-        optimizer.load_state_dict(state.optimizer)
-        for group in optimizer.param_groups:  # a new --lr applies from here on
-            group["lr"] = args.lr or default_lr(args.mode)
-        torch.set_rng_state(state.rng)
-        losses, position = list(state.losses), state.data_position
-        if state.data_digest != digest:
-            print(f"note: {args.data} changed since the last save; continuing on the new data", file=sys.stderr)
-        print(f"resuming from step {state.step}", flush=True)
-    stream = BatchStream(examples, args.batch_size, pad_id_of(model.tokenizer), seed=args.seed, position=position)
-    done = len(losses)
-    saved = done
-
-    def save() -> None:
-        nonlocal saved
-        if hasattr(model, "save_adapter"):
-            ckpt.replace_dir(out / ckpt.ADAPTER_DIR, model.save_adapter)
-        ckpt.write_loss_csv(out, losses)
-        if losses:
-            ckpt.write_loss_plot(out, losses, f"{args.model} · {args.mode}")
-        # state.pt last: it is what a resumed run trusts, so it only ever names a save that is whole.
-        ckpt.save_state(out, ckpt.TrainingState(
-            setup=setup, step=done, trainable={n: p.detach().clone() for n, p in params.items()},
-            optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), data_position=stream.position,
-            data_digest=digest, losses=list(losses)))
-        saved = done
-
-    trainable = sum(p.numel() for p in params.values())
-    print(f"training {trainable:,} parameters ({args.mode}) on {len(examples)} examples "
-          f"for steps {done + 1}..{args.steps}", flush=True)
-    model.train()
-    started = time.perf_counter()
-    bar = tqdm(total=args.steps, initial=done, desc="finetune", unit="step", dynamic_ncols=True)
-    with GracefulStop() as stop:
-        while done < args.steps:
-            position_before, rng_before = stream.position, torch.get_rng_state()
-            try:
-                with stop.interruptible():
-                    batch = stream.next_batch()
-                    loss = model(**batch).loss
-                    loss.backward()
-            except BaseException as e:
-                # Nothing of this step reached the parameters: roll its data and RNG back, keep what is whole.
-                stream.position = position_before
-                torch.set_rng_state(rng_before)
-                optimizer.zero_grad(set_to_none=True)
-                bar.close()
-                if done > saved:
-                    save()
-                if isinstance(e, KeyboardInterrupt):
-                    print(f"interrupted: saved at step {saved}; run the same command to continue", flush=True)
-                    return EXIT_INTERRUPTED
-                print(f"step {done + 1} failed; saved at step {saved}; run the same command to continue",
-                      file=sys.stderr, flush=True)
-                raise
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done += 1
-            losses.append(float(loss.detach()))
-            recent = losses[-10:]
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", avg10=f"{sum(recent) / len(recent):.4f}")
-            bar.update(1)
-            if done % args.save_every == 0 or done == args.steps or stop.requested:
-                save()
-            if stop.requested and done < args.steps:
-                bar.close()
-                print(f"interrupted: saved at step {done}; run the same command to continue", flush=True)
-                return EXIT_INTERRUPTED
-    bar.close()
-    elapsed = time.perf_counter() - started
-    where = f"{out / ckpt.ADAPTER_DIR}" if hasattr(model, "save_adapter") else f"{out / ckpt.STATE_FILE} (no save_adapter)"
-    print(f"done: step {done}, loss {losses[-1]:.4f}, {elapsed:.1f} s this run; saved {where}, "
-          f"{out / ckpt.LOSS_CSV}, {out / ckpt.LOSS_PNG}", flush=True)
-    return 0

@@ -36,7 +36,7 @@ def main() -> int:
     from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 
     from client import AutoDistributedModelForCausalLM
-    from client.local_swarm import LocalSwarm
+    from .local_swarm import LocalSwarm
 
     print(f"preparing {DEFAULT_MODEL} (the first run converts its GGUF once, ~20 s)...", flush=True)
     resolve_checkpoint(DEFAULT_MODEL)

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from swarm.models import get_family
     from swarm.registry import fetch_span_records, make_model_id, peers_by_id
 
-    from .routing import format_blocks
+    from client.routing import format_blocks
 
     checkpoint = resolve_checkpoint(args.model)
     num_blocks = get_family(checkpoint.config).num_blocks

@@ -1,0 +1,113 @@
+"""The client's view of the swarm: the DHT, the model's records in it, the chains that
+routing picks from them (after pinging the candidates), and which peers to avoid."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+import hivemind
+
+from swarm.registry import PeerRecord, fetch_span_records
+
+from .routing import Hop, MissingBlocksError, RouteFinder
+from .transport import CLIENT_ERRORS, PeerCallError, PeerConnection
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SwarmSettings:
+    """How the client talks to peers."""
+
+    codec: str = "raw"  # activations on the wire: raw | float16 | bfloat16 | int8 | int8_blockwise
+    request_timeout: float = 60.0  # a peer silent this long (per request or inference step) counts as failed
+    wait_for_peers: float = 5.0  # how long a missing block may take to appear before we give up
+    records_ttl: float = 2.0  # reuse DHT records this long before fetching again
+    max_failures: int = 3  # peer failures one step survives (each moves to other peers)
+    allow_quantized: bool = True  # False: never route through peers serving quantized weights (--quant)
+    push: bool = True  # inference steps go peer to peer where peers support it (False: via the client)
+
+
+class RemoteSwarm:
+    """The peers serving one model, as found in the DHT."""
+
+    def __init__(self, initial_peers: list[str], model_id: str, num_blocks: int,
+                 settings: SwarmSettings | None = None, dht: hivemind.DHT | None = None):
+        if not initial_peers and dht is None:
+            raise ValueError("initial_peers is empty: pass the multiaddr printed by `swarm dht`")
+        self.model_id, self.num_blocks = model_id, num_blocks
+        self.settings = settings or SwarmSettings()
+        self.dht = dht or hivemind.DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
+        self.routes = RouteFinder(model_id, num_blocks, allow_quantized=self.settings.allow_quantized)
+        self._records: dict[int, list[PeerRecord]] | None = None
+        self._records_time = 0.0
+
+    def records(self, refresh: bool = False) -> dict[int, list[PeerRecord]]:
+        if refresh or self._records is None or time.monotonic() - self._records_time > self.settings.records_ttl:
+            self._records = fetch_span_records(self.dht, self.model_id, self.num_blocks)
+            self._records_time = time.monotonic()
+        return self._records
+
+    def find_chain(self, start: int = 0, end: int | None = None, randomize: bool = False) -> list[Hop]:
+        """A chain covering [start, end); waits up to `wait_for_peers` for missing blocks
+        (peers that just started may not be in the DHT yet), then names them."""
+        deadline = time.monotonic() + self.settings.wait_for_peers
+        refresh = False
+        while True:
+            try:
+                records = self.records(refresh=refresh)
+                self.measure_rtts(records, start, self.num_blocks if end is None else end)
+                return self.routes.find_chain(records, start, end, randomize)
+            except MissingBlocksError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+                refresh = True
+
+    def measure_rtts(self, records: dict[int, list[PeerRecord]], start: int, end: int) -> None:
+        """Pings the peers that could serve part of [start, end) and have no fresh round-trip
+        time, in parallel; a peer that does not answer is avoided like a failed one."""
+        peers = [p for p in self.routes.candidates(records) if start <= p.start and p.end <= end]
+        unreachable = set(self.routes.rtt.measure([p.endpoint for p in peers], ping))
+        for peer in peers:
+            if peer.endpoint in unreachable:
+                self.routes.ban(peer.peer_id)
+
+    def ban_endpoint(self, endpoint: str) -> None:
+        """Avoid the peer at `endpoint` for a while (it failed)."""
+        for records in self.records().values():
+            for record in records:
+                if record.endpoint == endpoint:
+                    self.routes.ban(record.peer_id)
+
+    def retry_after(self, error: PeerCallError, failures: int) -> bool:
+        """After the `failures`-th failure of one request: False to give up (too many, or the
+        request itself is wrong); True once the failed peer is avoided, to try other peers."""
+        if failures > self.settings.max_failures or error.code in CLIENT_ERRORS:
+            return False
+        self.ban_endpoint(error.endpoint)
+        logger.warning("%s; retrying on other peers", error)
+        return True
+
+    def shutdown(self) -> None:
+        self.dht.shutdown()
+
+
+def ping(endpoint: str, timeout: float) -> float:
+    """Seconds for an Info call to the peer at `endpoint`; raises PeerCallError if the peer
+    cannot be reached. One that answers no faster than `timeout` counts as that slow: busy
+    is not dead, and it may be the only peer of its blocks. A first call opens the connection
+    (reused by every later call), so the second measures a round trip without handshakes."""
+    connection = PeerConnection.to(endpoint)
+    try:
+        connection.info(timeout)
+        started = time.perf_counter()
+        connection.info(timeout)
+    except PeerCallError as e:
+        if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return timeout
+        raise
+    return time.perf_counter() - started
