@@ -21,14 +21,16 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 from swarm.cli import PARENT_PID_ENV
+from swarm.named_models import DEFAULT_MODEL
+from swarm.ready_line import PeerReady
 
-READY = re.compile(r"peer ready: .* at (\S+) \(model_id (\S+)\)")
+READY = re.compile(PeerReady.PATTERN.pattern, re.MULTILINE)  # in the peer's whole stdout
 
 
 class LocalSwarm:
     """`with LocalSwarm(["0:10", "10:20", "20:30"]) as swarm: swarm.initial_peers`"""
 
-    def __init__(self, spans: list[str], model: str = "smollm2-135m-instruct", extra_peer_args: list[str] = (),
+    def __init__(self, spans: list[str], model: str = DEFAULT_MODEL, extra_peer_args: list[str] = (),
                  start_timeout: float = 180.0, dht_initial_peers: list[str] | None = None):
         self.spans, self.model = spans, model
         self.extra_peer_args, self.start_timeout = list(extra_peer_args), start_timeout
@@ -82,7 +84,7 @@ class LocalSwarm:
                     "--initial-peers", self.initial_peers[0], *self._decode_threads(), *self.extra_peer_args,
                 ]))
             for i, (proc, out) in enumerate(peers):
-                self.endpoints.append(self._wait(proc, out, READY, f"peer {self.spans[i]}").group(1))
+                self.endpoints.append(PeerReady.parse(self._wait(proc, out, READY, f"peer {self.spans[i]}").group(0)).endpoint)
             self.peer_procs = [proc for proc, _ in peers]  # in the order of `spans` and `endpoints`
         except BaseException:
             self.stop()
