@@ -116,9 +116,10 @@ class InferenceStep:
     position: int
     hidden_states: torch.Tensor  # on the span's device, in its dtype
     client_dtype: torch.dtype
-    # On the CPU: inference_step checks their values there (no wait on the device), then moves them.
+    # The mask and hypo_ids stay on the CPU: inference_step reads their values there (no wait
+    # on the device), then moves them.
     attention_mask: torch.Tensor | None = None
-    position_ids: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None  # on the span's device
     hypo_ids: torch.Tensor | None = None
 
 
@@ -248,7 +249,7 @@ class RequestDecoder:
             raise BadRequest(f"position_ids must be int64 or int32, got {parent.position_ids.dtype}")
         if positions.numel() and (positions.min() < 0 or positions.max() >= self.limits.max_seq_length):
             raise BadRequest(f"position_ids must be in [0, {self.limits.max_seq_length})")
-        return positions.long()  # shape: the span's check
+        return positions.long().to(self._device)  # shape: the span's check
 
     def _hypo_ids(self, msg: swarm_pb2.InferenceStep, batch: int) -> torch.Tensor | None:
         if not msg.HasField("hypo_ids"):

@@ -172,8 +172,8 @@ class BlockSpan(nn.Module):
         ``attention_mask`` holds only the new tokens' columns of the padding mask; ``position``
         (if given) is how many tokens the client believes the cache holds: less than we hold
         rolls the cache back (the client is replaying or re-branching), more is an error.
-        The mask, positions and hypo ids may come on the CPU (a peer checks their values there,
-        with no wait on the device); they are moved to the hidden states' device here.
+        The mask and hypo ids may come on the CPU (their values are checked there, with no wait
+        on the device: a peer sends them so); they are moved to the hidden states' device here.
         """
         # Everything is checked before the session changes: a refused step leaves it as it was.
         # The session's deep prompts and adapters were checked by start_inference.
@@ -192,7 +192,6 @@ class BlockSpan(nn.Module):
             attention_mask = attention_mask.to(device)
         if position_ids is not None:
             check_positions(position_ids, batch, new)
-            position_ids = position_ids.to(device)
 
         if past < state.position:
             self._rollback(state, past)
