@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from swarm.blocks import BlockSpan, InferenceState, SpanGraph
+from swarm.blocks import BlockSpan, InferenceState
+from swarm.span_graph import SpanGraph
 from swarm.wire import serialize_tensor, swarm_pb2
 
 from .kept_graphs import KeptGraphs
@@ -25,25 +26,23 @@ class SpanCompute:
         self.span, self.kept = span, kept
         self.backwards_kept = self.backwards_recomputed = 0  # how Backward calls were answered
 
-    def forward(self, call: SpanCall, backward_id: str) -> swarm_pb2.Tensor:
-        inputs = (call.hidden_states, call.attention_mask, call.position_ids, call.deep_prompts, call.adapters)
-        if backward_id and self.kept.max_bytes:
-            hidden, graph = self.span.forward_with_graph(*inputs)
-            self.kept.put(backward_id, graph)
+    def forward(self, call: SpanCall) -> swarm_pb2.Tensor:
+        if call.backward_id and self.kept.max_bytes:
+            hidden, graph = self.span.forward_with_graph(call.inputs)
+            self.kept.put(call.backward_id, graph)
         else:
             with torch.no_grad():
-                hidden = self.span.forward(*inputs)
+                hidden = self.span.forward(call.inputs)
         return serialize_tensor(hidden.to(call.client_dtype), call.response_codec)
 
     def backward(self, call: SpanCall, grad_outputs: torch.Tensor, adapter_msgs,
                  graph: SpanGraph | None) -> swarm_pb2.BackwardResponse:
-        if graph is not None and graph.matches(call.hidden_states, call.deep_prompts, call.adapters):
+        if graph is not None and graph.matches(call.inputs):
             grads = graph.backward(grad_outputs)
             self.backwards_kept += 1
         else:
             self.backwards_recomputed += 1
-            grads = self.span.backward(call.hidden_states, grad_outputs, call.attention_mask, call.position_ids,
-                                       call.deep_prompts, call.adapters)
+            grads = self.span.backward(call.inputs, grad_outputs)
         codec = call.response_codec
         response = swarm_pb2.BackwardResponse(
             grad_hidden_states=serialize_tensor(grads.hidden_states.to(call.client_dtype), codec))

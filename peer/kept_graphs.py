@@ -19,7 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from swarm.blocks import SpanGraph
+from swarm.span_graph import SpanGraph
 
 DEFAULT_TTL_SECONDS = 120.0
 DEFAULT_BACKWARD_MEMORY = 1024 * 2**20  # bytes; `swarm peer --backward-memory`

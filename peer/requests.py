@@ -11,6 +11,11 @@ what would be valid:
 What comes out is plain data (`SpanCall`, `InferenceOpen`, `InferenceStep`: the checked forms
 of the proto messages of those names) that the service hands to the runtime; nothing here
 computes. A large request is decoded off the event loop (`decode`).
+
+Checked here is what is this peer's policy: its limits (batch, length, message elements),
+finite values, the dtypes the wire may carry. How the inputs fit the span is the core's check:
+`SpanInputs.checked` for a span call (run here, on the CPU, before the tensors are moved),
+`BlockSpan.start_inference` and `inference_step` for a session.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from google.protobuf.message import DecodeError, Message
 
 from swarm.blocks import BlockSpan
+from swarm.span_inputs import SpanInputs, check_grad_outputs
 from swarm.tuning import AdapterError, AdapterSet, method_from_json
 from swarm.wire import CODECS, DTYPES, deserialize_tensor, swarm_pb2
 
@@ -82,15 +88,12 @@ def tensor_bytes(msg: Message) -> int:
 
 @dataclass
 class SpanCall:
-    """A checked Forward/Backward request."""
+    """A checked Forward/Backward request: the span's inputs and what only the wire has."""
 
-    hidden_states: torch.Tensor  # on the span's device, in its dtype
+    inputs: SpanInputs  # checked for the span; on its device, hidden states in its dtype
     client_dtype: torch.dtype  # what the client sent, and gets back
     response_codec: str
-    attention_mask: torch.Tensor | None = None
-    position_ids: torch.Tensor | None = None
-    deep_prompts: torch.Tensor | None = None
-    adapters: list[AdapterSet] = field(default_factory=list)
+    backward_id: str = ""  # names the graph a Forward keeps for its Backward ("": none)
 
 
 @dataclass
@@ -106,12 +109,17 @@ class InferenceOpen:
 
 @dataclass
 class InferenceStep:
+    """A step, checked against this peer's limits; `BlockSpan.inference_step` checks it
+    against the session."""
+
     step_id: int
     position: int
     hidden_states: torch.Tensor  # on the span's device, in its dtype
     client_dtype: torch.dtype
+    # The mask and hypo_ids stay on the CPU: inference_step reads their values there (no wait
+    # on the device), then moves them.
     attention_mask: torch.Tensor | None = None
-    position_ids: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None  # on the span's device
     hypo_ids: torch.Tensor | None = None
 
 
@@ -125,30 +133,26 @@ class RequestDecoder:
 
     # --- the three kinds of request ----------------------------------------------------------
 
-    def span_call(self, inputs: swarm_pb2.SpanInputs) -> SpanCall:
-        self._check_target(inputs.model_id, inputs.start, inputs.end)
-        codec = self._codec(inputs.response_codec)
-        if not inputs.HasField("hidden_states"):
+    def span_call(self, msg: swarm_pb2.SpanInputs, backward_id: str = "") -> SpanCall:
+        self._check_target(msg.model_id, msg.start, msg.end)
+        codec = self._codec(msg.response_codec)
+        if not msg.HasField("hidden_states"):
             raise BadRequest("hidden_states is missing")
-        hidden = self._hidden_states(inputs.hidden_states)
+        hidden = self._hidden_states(msg.hidden_states)
         batch, seq = hidden.shape[:2]
-        return SpanCall(
-            hidden_states=hidden.to(self._device, self._dtype),
-            client_dtype=hidden.dtype,
-            response_codec=codec,
-            attention_mask=self._attention_mask(inputs, batch, seq),
-            position_ids=self._position_ids(inputs, batch, seq),
-            deep_prompts=self._deep_prompts(inputs, batch),
-            adapters=self._adapters(inputs.adapters),
-        )
+        inputs = SpanInputs(hidden, self._attention_mask(msg, batch, seq), self._position_ids(msg, batch, seq),
+                            self._deep_prompts(msg, batch), self._adapters(msg.adapters))
+        # Checked on the CPU (mask values are read), then moved: still checked on the device.
+        inputs = inputs.checked(self.span).to(self._device, self._dtype)
+        return SpanCall(inputs=inputs, client_dtype=hidden.dtype, response_codec=codec, backward_id=backward_id)
 
     def grad_outputs(self, request: swarm_pb2.BackwardRequest, call: SpanCall) -> torch.Tensor:
+        """Checked here, not only by the span: a bad one must not use up the kept graph it names."""
         if not request.HasField("grad_outputs"):
             raise BadRequest("grad_outputs is missing")
-        grad = self._floating(request.grad_outputs, "grad_outputs", call.hidden_states.numel())
-        if grad.shape != call.hidden_states.shape:
-            raise BadRequest(f"grad_outputs shape {tuple(grad.shape)} must equal hidden_states shape "
-                             f"{tuple(call.hidden_states.shape)}")
+        hidden = call.inputs.hidden_states
+        grad = self._floating(request.grad_outputs, "grad_outputs", hidden.numel())
+        check_grad_outputs(grad, hidden)
         return grad.to(self._device, self._dtype)
 
     def inference_open(self, msg: swarm_pb2.InferenceOpen) -> InferenceOpen:
@@ -163,31 +167,25 @@ class RequestDecoder:
             if msg.dtype not in FLOAT_DTYPES:
                 raise BadRequest(f"dtype {msg.dtype!r} must be one of: {', '.join(FLOAT_DTYPES)}")
             client_dtype = FLOAT_DTYPES[msg.dtype]
+        prompts = self._deep_prompts(msg, msg.batch_size)  # their shape: start_inference's check
         return InferenceOpen(
             session_id=msg.session_id,
             batch_size=msg.batch_size,
             max_length=msg.max_length,
             client_dtype=client_dtype,
             response_codec=self._codec(msg.response_codec),
-            deep_prompts=self._deep_prompts(msg, msg.batch_size),
+            deep_prompts=None if prompts is None else prompts.to(self._device),
             adapters=self._adapters(msg.adapters),
         )
 
-    def inference_step(self, msg: swarm_pb2.InferenceStep, session: InferenceOpen, held: int) -> InferenceStep:
-        """`held`: tokens the session's cache holds now."""
+    def inference_step(self, msg: swarm_pb2.InferenceStep, session: InferenceOpen) -> InferenceStep:
+        """Batch, position and max_length against the session: `BlockSpan.inference_step`."""
         if not msg.HasField("hidden_states"):
             raise BadRequest("step hidden_states is missing")
         hidden = self._hidden_states(msg.hidden_states)
         batch, new = hidden.shape[:2]
-        if batch != session.batch_size:
-            raise BadRequest(f"session was opened for batch {session.batch_size}, step has batch {batch}")
         if session.client_dtype is not None and hidden.dtype != session.client_dtype:
             raise BadRequest(f"session was opened for dtype {session.client_dtype}, step sends {hidden.dtype}")
-        if msg.position > held:
-            raise BadRequest(f"step position {msg.position} is ahead of the {held} tokens this session holds")
-        if msg.position + new > session.max_length:
-            raise BadRequest(f"step at position {msg.position} with {new} tokens exceeds the session's "
-                             f"max_length {session.max_length}")
         return InferenceStep(
             step_id=msg.step_id,
             position=msg.position,
@@ -241,12 +239,7 @@ class RequestDecoder:
         mask = deserialize_tensor(parent.attention_mask, max_elements=batch * seq, field="attention_mask")
         if mask.dtype not in MASK_DTYPES:
             raise BadRequest(f"attention_mask must be an integer or bool tensor, got {parent.attention_mask.dtype}")
-        if tuple(mask.shape) != (batch, seq):
-            raise BadRequest(f"attention_mask must have shape ({batch}, {seq}), got {tuple(mask.shape)}")
-        mask = mask.long()
-        if not ((mask == 0) | (mask == 1)).all():
-            raise BadRequest("attention_mask values must be 0 (padding) or 1 (token)")
-        return mask.to(self._device)
+        return mask  # shape and values: the span's checks
 
     def _position_ids(self, parent, batch: int, seq: int) -> torch.Tensor | None:
         if not parent.HasField("position_ids"):
@@ -254,34 +247,27 @@ class RequestDecoder:
         positions = deserialize_tensor(parent.position_ids, max_elements=batch * seq, field="position_ids")
         if positions.dtype not in INDEX_DTYPES:
             raise BadRequest(f"position_ids must be int64 or int32, got {parent.position_ids.dtype}")
-        if positions.ndim != 2 or positions.shape[0] not in (1, batch) or positions.shape[1] != seq:
-            raise BadRequest(f"position_ids must have shape ({batch} or 1, {seq}), got {tuple(positions.shape)}")
         if positions.numel() and (positions.min() < 0 or positions.max() >= self.limits.max_seq_length):
             raise BadRequest(f"position_ids must be in [0, {self.limits.max_seq_length})")
-        return positions.long().to(self._device)
+        return positions.long().to(self._device)  # shape: the span's check
 
     def _hypo_ids(self, msg: swarm_pb2.InferenceStep, batch: int) -> torch.Tensor | None:
         if not msg.HasField("hypo_ids"):
             return None
         hypo_ids = deserialize_tensor(msg.hypo_ids, max_elements=batch, field="hypo_ids")
-        if hypo_ids.dtype != torch.int64 or tuple(hypo_ids.shape) != (batch,):
-            raise BadRequest(f"hypo_ids must be int64 of shape ({batch},), got {msg.hypo_ids.dtype} "
-                             f"{tuple(hypo_ids.shape)}")
-        if hypo_ids.min() < 0 or hypo_ids.max() >= batch:
-            raise BadRequest(f"hypo_ids must be in [0, {batch})")
-        return hypo_ids.to(self._device)
+        if hypo_ids.dtype != torch.int64:
+            raise BadRequest(f"hypo_ids must be int64, got {msg.hypo_ids.dtype}")
+        return hypo_ids  # shape and values: the span's check
 
     def _deep_prompts(self, parent, batch: int) -> torch.Tensor | None:
         if not parent.HasField("deep_prompts"):
             return None
-        num_blocks, hidden_size, limits = self.span.num_blocks, self.hidden_size, self.limits
-        shape = tuple(parent.deep_prompts.shape)
-        if (len(shape) != 4 or shape[0] != num_blocks or shape[1] not in (1, batch)
-                or not 1 <= shape[2] <= limits.max_seq_length or shape[3] != hidden_size):
-            raise BadRequest(f"deep_prompts must have shape ({num_blocks}, {batch} or 1, prefix <= "
-                             f"{limits.max_seq_length}, {hidden_size}), got {shape}")
-        prompts = self._floating(parent.deep_prompts, "deep_prompts", num_blocks * batch * shape[2] * hidden_size)
-        return prompts.to(self._device)
+        max_seq_length, shape = self.limits.max_seq_length, tuple(parent.deep_prompts.shape)
+        # The prefix length is a limit, checked from the message; the shape is the span's check.
+        if len(shape) == 4 and not 1 <= shape[2] <= max_seq_length:
+            raise BadRequest(f"deep_prompts prefix (dimension 2 of {shape}) must be in [1, {max_seq_length}]")
+        max_elements = self.span.num_blocks * batch * max_seq_length * self.hidden_size
+        return self._floating(parent.deep_prompts, "deep_prompts", max_elements)
 
     def _adapters(self, messages) -> list[AdapterSet]:
         if len(messages) > MAX_ADAPTER_SETS:

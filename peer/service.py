@@ -67,8 +67,9 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
 
     async def Forward(self, request: swarm_pb2.ForwardRequest, context: grpc.aio.ServicerContext):
         try:
-            call = await decode(tensor_bytes(request.inputs), self.decoder.span_call, request.inputs)
-            hidden = await self.runtime.run(Priority.TRAINING, self.compute.forward, call, request.backward_id)
+            call = await decode(tensor_bytes(request.inputs), self.decoder.span_call, request.inputs,
+                                request.backward_id)
+            hidden = await self.runtime.run(Priority.TRAINING, self.compute.forward, call)
             return swarm_pb2.ForwardResponse(hidden_states=hidden)
         except Exception as e:
             await refuse(context, e, "Forward")
@@ -76,14 +77,14 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
     async def Backward(self, request: swarm_pb2.BackwardRequest, context: grpc.aio.ServicerContext):
         try:
             call, grad_outputs = await decode(tensor_bytes(request.inputs), self._decode_backward, request)
-            graph = self.kept.take(request.backward_id) if request.backward_id else None
+            graph = self.kept.take(call.backward_id) if call.backward_id else None
             return await self.runtime.run(Priority.TRAINING, self.compute.backward, call, grad_outputs,
                                           request.inputs.adapters, graph)
         except Exception as e:
             await refuse(context, e, "Backward")
 
     def _decode_backward(self, request: swarm_pb2.BackwardRequest) -> tuple[SpanCall, torch.Tensor]:
-        call = self.decoder.span_call(request.inputs)
+        call = self.decoder.span_call(request.inputs, request.backward_id)
         return call, self.decoder.grad_outputs(request, call)
 
     async def Info(self, request: swarm_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> swarm_pb2.PeerInfo:

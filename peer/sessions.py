@@ -149,7 +149,7 @@ class InferenceSessions:
                 raise BadRequest(f"after 'open', every message of an inference stream must be 'step', got "
                                  f"{request.WhichOneof('kind') or 'an empty message'!r}")
             step = await decode(len(request.step.hidden_states.data), self.decoder.inference_step,
-                                request.step, opened, state.position)
+                                request.step, opened)
             decoded = time.perf_counter()
             hidden, session.compute_s, session.encode_s = await self.runtime.run(
                 Priority.INFERENCE, self.compute.inference_step, state, step, session.response_codec,

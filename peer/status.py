@@ -12,7 +12,7 @@ import logging
 
 import grpc
 
-from swarm.blocks import SpanInputError
+from swarm.span_inputs import SpanInputError
 from swarm.tuning import AdapterError
 from swarm.wire import WireError
 

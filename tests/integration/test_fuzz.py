@@ -26,7 +26,7 @@ import torch
 from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
-from swarm.blocks import BlockSpan
+from swarm.blocks import BlockSpan, SpanInputs
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 from swarm.loading import load_span
 from swarm.wire import CODECS, DTYPES, deserialize_tensor, serialize_tensor, swarm_pb2
@@ -665,10 +665,12 @@ def test_the_peer_survived_freed_everything_and_still_matches_local(target):
     forward = stub.Forward(pb.ForwardRequest(inputs=span_inputs(peer.model_id, START, END, x, attention_mask=mask)),
                            timeout=30)
     with torch.no_grad():
-        torch.testing.assert_close(deserialize_tensor(forward.hidden_states), span.forward(x, mask), atol=1e-5, rtol=0)
+        torch.testing.assert_close(deserialize_tensor(forward.hidden_states), span.forward(SpanInputs(x, mask)),
+                                   atol=1e-5, rtol=0)
     backward = stub.Backward(pb.BackwardRequest(inputs=span_inputs(peer.model_id, START, END, x),
                                                 grad_outputs=serialize_tensor(grad)), timeout=30)
-    torch.testing.assert_close(deserialize_tensor(backward.grad_hidden_states), span.backward(x, grad).hidden_states,
+    torch.testing.assert_close(deserialize_tensor(backward.grad_hidden_states),
+                               span.backward(SpanInputs(x), grad).hidden_states,
                                atol=1e-5, rtol=0)
     state = span.start_inference(1, 8)
     tokens = [hidden(1, 4, seed=82), hidden(1, 1, seed=83)]

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from swarm import registry
+from swarm.blocks import SpanInputs
 from swarm.checkpoint import resolve_checkpoint
 from swarm.loading import load_span
 from swarm.wire import deserialize_tensor, serialize_tensor, swarm_pb2
@@ -77,7 +78,7 @@ def test_forward_equals_local_span(peer, stub, local_span):
     answer = stub.Forward(pb.ForwardRequest(inputs=span_inputs(peer.model_id, 0, 10, x, attention_mask=mask)),
                           timeout=30)
     with torch.no_grad():
-        expected = local_span.forward(x, mask)
+        expected = local_span.forward(SpanInputs(x, mask))
     torch.testing.assert_close(deserialize_tensor(answer.hidden_states), expected, atol=1e-5, rtol=0)
 
 
@@ -86,7 +87,7 @@ def test_backward_equals_local_span(peer, stub, local_span):
     x, grad = hidden(seed=1), hidden(seed=2)
     request = pb.BackwardRequest(inputs=span_inputs(peer.model_id, 0, 10, x), grad_outputs=serialize_tensor(grad))
     answer = stub.Backward(request, timeout=30)
-    expected = local_span.backward(x, grad)
+    expected = local_span.backward(SpanInputs(x), grad)
     torch.testing.assert_close(deserialize_tensor(answer.grad_hidden_states), expected.hidden_states,
                                atol=1e-5, rtol=0)
     assert not answer.HasField("grad_deep_prompts") and not answer.grad_adapters

@@ -18,6 +18,7 @@ import torch
 from peer.config import PeerLimits
 from peer.memory import CacheBudget
 from peer.service import BlockService, ServedModel
+from swarm.blocks import SpanInputs
 from swarm.checkpoint import resolve_checkpoint
 from swarm.loading import load_span
 from swarm.tuning.prefix import PrefixTuning
@@ -87,18 +88,18 @@ def test_forward_with_lora_and_deep_prompts_equals_local(peer, span):
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
     lora, lora_msg = lora_for(span)
     with torch.no_grad():
-        expected = span.forward(x, mask, deep_prompts=prompts, adapters=[lora])
+        expected = span.forward(SpanInputs(x, mask, deep_prompts=prompts, adapters=[lora]))
     got = forward(peer, span_inputs(MODEL_ID, START, END, x, attention_mask=mask, deep_prompts=prompts,
                                     adapters=[lora_msg]))
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    assert not torch.allclose(got, span.forward(x, mask)), "the adapter and prompts must change the output"
+    assert not torch.allclose(got, span.forward(SpanInputs(x, mask))), "the adapter and prompts must change the output"
 
 
 def test_backward_with_lora_and_deep_prompts_equals_local(peer, span):
     x, prompts, grad = hidden(seed=2), deep_prompts(seed=3), hidden(seed=4)
     lora, lora_msg = lora_for(span, seed=5)
-    expected = span.backward(x, grad, deep_prompts=prompts, adapters=[lora])
+    expected = span.backward(SpanInputs(x, deep_prompts=prompts, adapters=[lora]), grad)
     inputs = span_inputs(MODEL_ID, START, END, x, deep_prompts=prompts, adapters=[lora_msg])
     answer = peer.stub.Backward(pb.BackwardRequest(inputs=inputs, grad_outputs=serialize_tensor(grad)), timeout=30)
     torch.testing.assert_close(deserialize_tensor(answer.grad_hidden_states), expected.hidden_states, atol=1e-5, rtol=0)
@@ -131,8 +132,8 @@ def test_backward_from_a_kept_forward_graph_equals_recomputation(peer, span):
 
     out = peer.stub.Forward(pb.ForwardRequest(inputs=inputs, backward_id="step-1"), timeout=30).hidden_states
     with torch.no_grad():
-        torch.testing.assert_close(deserialize_tensor(out), span.forward(x, deep_prompts=prompts, adapters=[lora]),
-                                   atol=1e-5, rtol=0)
+        local = span.forward(SpanInputs(x, deep_prompts=prompts, adapters=[lora]))
+        torch.testing.assert_close(deserialize_tensor(out), local, atol=1e-5, rtol=0)
     held = info(peer).kept_graph_bytes - before.kept_graph_bytes
     assert held > 100_000, "2 x 5 tokens x 10 blocks of activations"
     kept = backward_answer(peer, inputs, grad, "step-1")
@@ -157,7 +158,7 @@ def test_backward_from_a_kept_forward_graph_equals_recomputation(peer, span):
 def test_activations_come_back_in_the_clients_dtype_and_codec(peer, span):
     x = hidden(dtype=torch.bfloat16)
     with torch.no_grad():
-        expected = span.forward(x.float())
+        expected = span.forward(SpanInputs(x.float()))
     answer = peer.stub.Forward(pb.ForwardRequest(inputs=span_inputs(
         MODEL_ID, START, END, x, codec="bfloat16", response_codec="int8_blockwise")), timeout=30)
     assert (answer.hidden_states.dtype, answer.hidden_states.codec) == ("bfloat16", "int8_blockwise")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from swarm.blocks import BlockSpan
+from swarm.blocks import BlockSpan, SpanInputs
 from swarm.checkpoint import Checkpoint, resolve_checkpoint
 from swarm.loading import load_client_parts, load_span
 from swarm.models import ClientParts
@@ -71,7 +71,7 @@ def smollm2_parts(smollm2: Checkpoint) -> ClientParts:
 def _spans_forward(spans: Sequence[BlockSpan], hidden: torch.Tensor, **kwargs) -> torch.Tensor:
     """Hidden states through a chain of spans, as a client sends them peer after peer."""
     for span in spans:
-        hidden = span(hidden, **kwargs)
+        hidden = span(SpanInputs(hidden, **kwargs))
     return hidden
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swarm.blocks import BlockSpan, SpanInputError, default_position_ids
+from swarm.blocks import BlockSpan, SpanInputError, SpanInputs, default_position_ids
 from swarm.checkpoint import Checkpoint
 from swarm.loading import load_span
 
@@ -24,7 +24,7 @@ def chained_backward(spans: list[BlockSpan], inputs: list[torch.Tensor], grad: t
     span's SpanGrads (in span order)."""
     all_grads = [None] * len(spans)
     for i in reversed(range(len(spans))):
-        all_grads[i] = spans[i].backward(inputs[i], grad, **span_kwargs[i])
+        all_grads[i] = spans[i].backward(SpanInputs(inputs[i], **span_kwargs[i]), grad)
         grad = all_grads[i].hidden_states
     return grad, all_grads
 
@@ -35,7 +35,7 @@ def chained_forward(spans: list[BlockSpan], hidden: torch.Tensor, span_kwargs: l
     with torch.no_grad():
         for span, kwargs in zip(spans, span_kwargs):
             inputs.append(hidden)
-            hidden = span(hidden, **kwargs)
+            hidden = span(SpanInputs(hidden, **kwargs))
     return hidden, inputs
 
 
@@ -189,7 +189,7 @@ def test_deep_prompt_grads_match_full_model_autograd(smollm2_model, smollm2_toke
 def test_backward_gives_no_grad_to_the_blocks_weights(smollm2_spans):
     span = smollm2_spans[2]
     hidden = torch.randn(1, 4, span.hidden_size)
-    grads = span.backward(hidden, torch.randn_like(hidden))
+    grads = span.backward(SpanInputs(hidden), torch.randn_like(hidden))
     assert grads.hidden_states.shape == hidden.shape and grads.deep_prompts is None and grads.adapters == []
     assert all(p.grad is None and not p.requires_grad for p in span.parameters())
 
@@ -225,7 +225,7 @@ def test_inference_beyond_max_length_is_refused(smollm2_spans):
     span = smollm2_spans[0]
     state = span.start_inference(1, max_length=6)
     span.inference_step(state, torch.randn(1, 4, span.hidden_size))
-    with pytest.raises(SpanInputError, match=r"holds 4 tokens; 3 more exceed its max_length 6"):
+    with pytest.raises(SpanInputError, match=r"position 4 with 3 tokens exceeds the session's max_length 6"):
         span.inference_step(state, torch.randn(1, 3, span.hidden_size))
     assert state.position == 4  # the refused step changed nothing
     span.inference_step(state, torch.randn(1, 2, span.hidden_size))
@@ -282,9 +282,9 @@ def test_hypo_ids_reorder_the_cache(smollm2_spans):
 def test_wrong_input_shapes_are_refused(smollm2_spans):
     span = smollm2_spans[0]
     with pytest.raises(SpanInputError, match=r"\(batch, seq, 576\), got \(1, 4, 512\)"):
-        span(torch.randn(1, 4, 512))
+        span(SpanInputs(torch.randn(1, 4, 512)))
     with pytest.raises(SpanInputError, match=r"\(batch, seq, 576\)"):
-        span(torch.randn(4, 576))
+        span(SpanInputs(torch.randn(4, 576)))
     state = span.start_inference(2, 8)
     with pytest.raises(SpanInputError, match=r"\(batch, seq, 576\), got \(2, 1, 575\)"):
         span.inference_step(state, torch.randn(2, 1, 575))
@@ -293,8 +293,26 @@ def test_wrong_input_shapes_are_refused(smollm2_spans):
     with pytest.raises(SpanInputError, match=r"attention_mask must have shape \(2, 3\)"):
         span.inference_step(state, torch.randn(2, 3, 576), attention_mask=torch.ones(2, 4))
     with pytest.raises(SpanInputError, match=r"deep_prompts must have shape \(10, 1 or 1, prefix, 576\)"):
-        span(torch.randn(1, 4, 576), deep_prompts=torch.zeros(30, 1, 2, 576))
+        span(SpanInputs(torch.randn(1, 4, 576), deep_prompts=torch.zeros(30, 1, 2, 576)))
     hidden = torch.randn(1, 4, 576)
     with pytest.raises(SpanInputError, match="grad_outputs shape"):
-        span.backward(hidden, torch.randn(1, 3, 576))
+        span.backward(SpanInputs(hidden), torch.randn(1, 3, 576))
+    assert state.position == 0
+
+
+def test_span_inputs_are_checked_once_per_span(smollm2_spans):
+    span, other = smollm2_spans[0], smollm2_spans[1]
+    mask = torch.tensor([[True, True, False]])
+    checked = SpanInputs(torch.randn(1, 3, 576), mask).checked(span)
+    assert checked.attention_mask.dtype == torch.long and checked.checked_for is span
+    assert checked.checked(span) is checked, "checked inputs are not checked again for their span"
+    assert checked.to(span.device, torch.float64).checked_for is span, "moving changes no shape"
+    assert checked.checked(other) is not checked and checked.checked(other).checked_for is other
+    with pytest.raises(SpanInputError, match=r"must be 0 \(padding\) or 1 \(token\)"):
+        span(SpanInputs(torch.randn(1, 3, 576), torch.tensor([[1, 2, 1]])))
+    with pytest.raises(SpanInputError, match=r"position_ids must have shape \(1 or 1, 3\)"):
+        span(SpanInputs(torch.randn(1, 3, 576), position_ids=torch.zeros(1, 4, dtype=torch.long)))
+    state = span.start_inference(1, 8)
+    with pytest.raises(SpanInputError, match=r"must be 0 \(padding\) or 1 \(token\)"):
+        span.inference_step(state, torch.randn(1, 2, 576), attention_mask=torch.tensor([[1, 3]]))
     assert state.position == 0

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from swarm.blocks import SpanInputs
 from swarm.checkpoint import NAMED_MODELS, Checkpoint, CheckpointError, config_fingerprint, resolve_checkpoint
 from swarm.loading import SpanError, load_client_parts, load_span
 
@@ -43,7 +44,7 @@ def test_a_span_loads_from_a_checkpoint_holding_only_its_blocks(smollm2, smollm2
     span = load_span(partial, 10, 20)
     hidden = torch.randn(1, 5, 576, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(span(hidden), smollm2_spans[1](hidden), rtol=0, atol=0)
+        torch.testing.assert_close(span(SpanInputs(hidden)), smollm2_spans[1](SpanInputs(hidden)), rtol=0, atol=0)
 
     with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.\d\.[\w.]+' is missing from the checkpoint in "
                                               r".*blocks-10-19"):
@@ -86,7 +87,7 @@ def test_sharded_checkpoint_loads_span_by_span(tmp_path: Path):
     with torch.no_grad():
         hidden = parts.embed(ids)
         for span in spans:
-            hidden = span(hidden)
+            hidden = span(SpanInputs(hidden))
         torch.testing.assert_close(parts.logits(hidden), model(ids).logits, rtol=0, atol=1e-5)
 
     shard = index["weight_map"]["model.layers.2.mlp.up_proj.weight"]

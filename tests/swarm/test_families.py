@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
+from swarm.blocks import SpanInputs
 from swarm.checkpoint import resolve_checkpoint
 from swarm.loading import load_span
 from swarm.models import get_family
@@ -145,14 +146,14 @@ def test_lora_grads_match_peft(tiny: TinyModel):
     with torch.no_grad():
         for span, adapters in zip(tiny.spans, sets):
             inputs.append(hidden)
-            hidden = span(hidden, adapters=[adapters])
+            hidden = span(SpanInputs(hidden, adapters=[adapters]))
     hidden.requires_grad_(True)
     swarm_loss = next_token_loss(tiny.parts.logits(hidden), ids)
     torch.testing.assert_close(swarm_loss, loss, rtol=1e-5, atol=1e-5)
     (grad,) = torch.autograd.grad(swarm_loss, hidden)
     actual = {}
     for span, adapters, span_input in reversed(list(zip(tiny.spans, sets, inputs))):
-        span_grads = span.backward(span_input, grad, adapters=[adapters])
+        span_grads = span.backward(SpanInputs(span_input, adapters=[adapters]), grad)
         grad = span_grads.hidden_states
         actual.update(span_grads.adapters[0])
 
@@ -177,7 +178,7 @@ def test_mixtral_loads_from_either_expert_layout(tmp_path: Path, spans_forward):
     span = load_span(resolve_checkpoint(stacked), 0, 3)
     hidden = torch.randn(1, 6, tiny.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(span(hidden), spans_forward(tiny.spans, hidden), rtol=0, atol=0)
+        torch.testing.assert_close(span(SpanInputs(hidden)), spans_forward(tiny.spans, hidden), rtol=0, atol=0)
 
 
 def test_bidirectional_gemma_is_refused():

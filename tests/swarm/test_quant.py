@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from swarm.blocks import SpanInputs
 from swarm.checkpoint import Checkpoint
 from swarm.loading import load_span
 from swarm.quant import (Int8Linear, QuantizationError, bitsandbytes_installed, check_quant, quantize_layers,
@@ -96,11 +97,11 @@ def test_forward_and_backward_equal_the_dequantized_span(quant, quantized, input
     span, twin = quantized[quant]
     hidden, grad, prompts = inputs
     adapters = [lora_set(span)]
+    both_take = SpanInputs(hidden, deep_prompts=prompts, adapters=adapters)
     with torch.no_grad():
-        torch.testing.assert_close(span(hidden, deep_prompts=prompts, adapters=adapters),
-                                   twin(hidden, deep_prompts=prompts, adapters=adapters), rtol=1e-4, atol=1e-4)
-    actual = span.backward(hidden, grad, deep_prompts=prompts, adapters=adapters)
-    expected = twin.backward(hidden, grad, deep_prompts=prompts, adapters=adapters)
+        torch.testing.assert_close(span(both_take), twin(both_take), rtol=1e-4, atol=1e-4)
+    actual = span.backward(both_take, grad)
+    expected = twin.backward(both_take, grad)
     torch.testing.assert_close(actual.hidden_states, expected.hidden_states, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(actual.deep_prompts, expected.deep_prompts, rtol=1e-4, atol=1e-4)
     for name, value in expected.adapters[0].items():
@@ -122,10 +123,11 @@ def test_close_to_full_precision(quant, quantized, full, inputs):
     hidden, grad, prompts = inputs
     adapters = [lora_set(span)]
     with torch.no_grad():
-        error = relative_error(span(hidden, deep_prompts=prompts), full(hidden, deep_prompts=prompts))
+        error = relative_error(span(SpanInputs(hidden, deep_prompts=prompts)),
+                               full(SpanInputs(hidden, deep_prompts=prompts)))
     assert error < FORWARD_TOLERANCE[quant]
-    actual = span.backward(hidden, grad, deep_prompts=prompts, adapters=adapters)
-    expected = full.backward(hidden, grad, deep_prompts=prompts, adapters=adapters)
+    actual = span.backward(SpanInputs(hidden, deep_prompts=prompts, adapters=adapters), grad)
+    expected = full.backward(SpanInputs(hidden, deep_prompts=prompts, adapters=adapters), grad)
     assert relative_error(actual.hidden_states, expected.hidden_states) < GRADIENT_TOLERANCE[quant]
     assert relative_error(actual.deep_prompts, expected.deep_prompts) < GRADIENT_TOLERANCE[quant]
     name = "0.self_attn.q_proj.lora_B"
@@ -146,7 +148,7 @@ def test_inference_with_cache_matches_forward(quant, quantized, inputs):
     outputs = [span.inference_step(state, hidden[:, :prefill])]
     outputs += [span.inference_step(state, hidden[:, i: i + 1]) for i in range(prefill, hidden.shape[1])]
     with torch.no_grad():
-        expected = span(hidden)
+        expected = span(SpanInputs(hidden))
     assert state.position == hidden.shape[1]
     assert relative_error(torch.cat(outputs, dim=1), expected) < STEP_TOLERANCE[quant]
 
@@ -188,7 +190,8 @@ def test_bitsandbytes_int8_runs_forward_and_backward(smollm2, full, inputs):
     quantize_layers(span.layers, "int8", backend="bitsandbytes")
     hidden, grad, prompts = inputs
     with torch.no_grad():
-        assert relative_error(span(hidden), full(hidden)) < FORWARD_TOLERANCE["int8"]
+        assert relative_error(span(SpanInputs(hidden)), full(SpanInputs(hidden))) < FORWARD_TOLERANCE["int8"]
     adapters = [lora_set(span)]
-    actual, expected = span.backward(hidden, grad, adapters=adapters), full.backward(hidden, grad, adapters=adapters)
+    both_take = SpanInputs(hidden, adapters=adapters)
+    actual, expected = span.backward(both_take, grad), full.backward(both_take, grad)
     assert relative_error(actual.hidden_states, expected.hidden_states) < GRADIENT_TOLERANCE["int8"]

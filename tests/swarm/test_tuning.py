@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swarm.blocks import BlockSpan
+from swarm.blocks import BlockSpan, SpanInputs
 from swarm.tuning import AdapterError, AdapterSet, LoRA, method_from_json
 
 RANK, ALPHA = 4, 8.0
@@ -54,14 +54,14 @@ def test_lora_grads_match_peft(smollm2_model, smollm2_tokenizer, smollm2_spans, 
     with torch.no_grad():
         for span, adapters in zip(smollm2_spans, sets):
             inputs.append(hidden)
-            hidden = span(hidden, adapters=[adapters])
+            hidden = span(SpanInputs(hidden, adapters=[adapters]))
     hidden.requires_grad_(True)
     swarm_loss = F.cross_entropy(smollm2_parts.logits(hidden)[0, :-1], ids[0, 1:])
     torch.testing.assert_close(swarm_loss, loss, rtol=1e-5, atol=1e-5)
     (grad,) = torch.autograd.grad(swarm_loss, hidden)
     actual = {}
     for span, adapters, span_input in reversed(list(zip(smollm2_spans, sets, inputs))):
-        span_grads = span.backward(span_input, grad, adapters=[adapters])
+        span_grads = span.backward(SpanInputs(span_input, adapters=[adapters]), grad)
         grad = span_grads.hidden_states
         assert set(span_grads.adapters[0]) == set(adapters.tensors)
         actual.update(span_grads.adapters[0])
@@ -79,8 +79,8 @@ def test_lora_in_an_inference_session_matches_forward(smollm2_spans):
     adapters = AdapterSet(method, lora_tensors(span, method, seed=5))
     hidden = torch.randn(1, 6, span.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = span(hidden, adapters=[adapters])
-        plain = span(hidden)
+        expected = span(SpanInputs(hidden, adapters=[adapters]))
+        plain = span(SpanInputs(hidden))
     state = span.start_inference(1, 8, adapters=[adapters])
     prefill = span.inference_step(state, hidden[:, :5])
     last = span.inference_step(state, hidden[:, 5:])
@@ -97,7 +97,8 @@ def test_lora_dropout_is_reproducible_from_the_seed(smollm2_spans):
 
     def run(dropout: float, seed: int | None) -> torch.Tensor:
         with torch.no_grad():
-            return span(hidden, adapters=[AdapterSet(LoRA(RANK, ALPHA, dropout=dropout, seed=seed), tensors)])
+            lora = AdapterSet(LoRA(RANK, ALPHA, dropout=dropout, seed=seed), tensors)
+            return span(SpanInputs(hidden, adapters=[lora]))
 
     first, second = run(0.3, seed=11), run(0.3, seed=11)
     assert torch.equal(first, second)
@@ -108,17 +109,18 @@ def test_lora_dropout_is_reproducible_from_the_seed(smollm2_spans):
     # Backward recomputes the forward: it must draw the very masks the forward drew, so its
     # grads equal autograd through one forward call with that seed.
     method = LoRA(RANK, ALPHA, dropout=0.3, seed=11)
-    grads = span.backward(hidden, grad_outputs, adapters=[AdapterSet(method, tensors)])
+    grads = span.backward(SpanInputs(hidden, adapters=[AdapterSet(method, tensors)]), grad_outputs)
     leaves = {name: t.clone().requires_grad_(True) for name, t in tensors.items()}
     inputs = hidden.clone().requires_grad_(True)
     with torch.enable_grad():
-        outputs = span(inputs, adapters=[AdapterSet(method, leaves)])
+        outputs = span(SpanInputs(inputs, adapters=[AdapterSet(method, leaves)]))
         torch.testing.assert_close(outputs, first, rtol=0, atol=0)
         expected = torch.autograd.grad((outputs * grad_outputs).sum(), [inputs, *leaves.values()])
     torch.testing.assert_close(grads.hidden_states, expected[0], rtol=0, atol=0)
     for (name, _), expected_grad in zip(leaves.items(), expected[1:]):
         torch.testing.assert_close(grads.adapters[0][name], expected_grad, rtol=0, atol=0, msg=name)
-    other = span.backward(hidden, grad_outputs, adapters=[AdapterSet(LoRA(RANK, ALPHA, dropout=0.3, seed=12), tensors)])
+    other_lora = AdapterSet(LoRA(RANK, ALPHA, dropout=0.3, seed=12), tensors)
+    other = span.backward(SpanInputs(hidden, adapters=[other_lora]), grad_outputs)
     assert (other.hidden_states - grads.hidden_states).abs().max() > 0
 
 
@@ -130,22 +132,22 @@ def test_bad_lora_tensors_are_refused(smollm2_spans):
 
     wrong_shape = dict(good, **{"3.self_attn.q_proj.lora_A": torch.zeros(RANK, 575)})
     with pytest.raises(AdapterError, match=r"3\.self_attn\.q_proj\.lora_A has shape \(4, 575\), expected \(4, 576\)"):
-        span(hidden, adapters=[AdapterSet(method, wrong_shape)])
+        span(SpanInputs(hidden, adapters=[AdapterSet(method, wrong_shape)]))
 
     missing = {k: v for k, v in good.items() if k != "7.self_attn.v_proj.lora_B"}
     with pytest.raises(AdapterError, match=r"block 7: missing \['self_attn\.v_proj\.lora_B'\]"):
-        span(hidden, adapters=[AdapterSet(method, missing)])
+        span(SpanInputs(hidden, adapters=[AdapterSet(method, missing)]))
 
     stray = dict(good, **{"12.self_attn.q_proj.lora_A": torch.zeros(RANK, 576)})
     with pytest.raises(AdapterError, match=r"blocks \[12\] outside the span \[0, 10\)"):
-        span(hidden, adapters=[AdapterSet(method, stray)])
+        span(SpanInputs(hidden, adapters=[AdapterSet(method, stray)]))
 
     integers = dict(good, **{"0.self_attn.q_proj.lora_B": torch.zeros(576, RANK, dtype=torch.long)})
     with pytest.raises(AdapterError, match="must be floating point"):
-        span(hidden, adapters=[AdapterSet(method, integers)])
+        span(SpanInputs(hidden, adapters=[AdapterSet(method, integers)]))
 
     with pytest.raises(AdapterError, match=r"'o_projection' matches no linear layer.*self_attn\.o_proj"):
-        span(hidden, adapters=[AdapterSet(LoRA(rank=RANK, targets=["o_projection"]), good)])
+        span(SpanInputs(hidden, adapters=[AdapterSet(LoRA(rank=RANK, targets=["o_projection"]), good)]))
 
     with pytest.raises(AdapterError, match=r"has shape \(4, 575\)"):  # a session is refused when it opens
         span.start_inference(1, 4, adapters=[AdapterSet(method, wrong_shape)])
@@ -181,11 +183,11 @@ def test_kept_graph_backward_equals_recomputed_backward(smollm2_spans):
     adapters = [AdapterSet(method, lora_tensors(span, method, seed=1))]
     grad_outputs = torch.randn(2, 6, span.hidden_size, generator=generator)
 
-    output, graph = span.forward_with_graph(hidden, deep_prompts=prompts, adapters=adapters)
-    assert torch.equal(output, span(hidden, deep_prompts=prompts, adapters=adapters))
+    output, graph = span.forward_with_graph(SpanInputs(hidden, deep_prompts=prompts, adapters=adapters))
+    assert torch.equal(output, span(SpanInputs(hidden, deep_prompts=prompts, adapters=adapters)))
     assert not output.requires_grad
     kept = graph.backward(grad_outputs)
-    recomputed = span.backward(hidden, grad_outputs, deep_prompts=prompts, adapters=adapters)
+    recomputed = span.backward(SpanInputs(hidden, deep_prompts=prompts, adapters=adapters), grad_outputs)
     assert torch.equal(kept.hidden_states, recomputed.hidden_states)
     assert torch.equal(kept.deep_prompts, recomputed.deep_prompts)
     assert kept.adapters[0].keys() == recomputed.adapters[0].keys()
@@ -196,4 +198,4 @@ def test_kept_graph_backward_equals_recomputed_backward(smollm2_spans):
     with pytest.raises(RuntimeError, match="already used"):
         graph.backward(grad_outputs)  # spent: its saved activations are gone
     with pytest.raises(ValueError, match="must equal the forward's output shape"):
-        span.forward_with_graph(hidden)[1].backward(grad_outputs[:1])
+        span.forward_with_graph(SpanInputs(hidden))[1].backward(grad_outputs[:1])

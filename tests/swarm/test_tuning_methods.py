@@ -18,7 +18,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from client.tuning import ClientAdapter
-from swarm.blocks import BlockSpan
+from swarm.blocks import BlockSpan, SpanInputs
 from swarm.models import get_family
 from swarm.tuning import (AdapterError, AdapterSet, BottleneckAdapter, ExportTarget, IA3, LoRA, PrefixTuning,
                           method_from_json)
@@ -81,7 +81,7 @@ def logits_of(tiny, hidden: torch.Tensor) -> torch.Tensor:
 def spans_logits(tiny, spans, ids, method=None, tensors=None, **step) -> torch.Tensor:
     hidden = tiny.model.embed_tokens(ids)
     for span in spans:
-        hidden = span(hidden, adapters=[span_set(span, method, tensors)] if method else [], **step)
+        hidden = span(SpanInputs(hidden, adapters=[span_set(span, method, tensors)] if method else [], **step))
     return logits_of(tiny, hidden)
 
 
@@ -96,14 +96,14 @@ def swarm_grads(tiny, spans, ids, method, tensors) -> tuple[torch.Tensor, dict[s
     with torch.no_grad():
         for span in spans:
             inputs.append(hidden)
-            hidden = span(hidden, adapters=[span_set(span, method, tensors)])
+            hidden = span(SpanInputs(hidden, adapters=[span_set(span, method, tensors)]))
     hidden.requires_grad_(True)
     loss = lm_loss(logits_of(tiny, hidden), ids)
     (grad,) = torch.autograd.grad(loss, hidden)
     grads = {}
     for span, span_input in reversed(list(zip(spans, inputs))):
         adapters = span_set(span, method, tensors)
-        result = span.backward(span_input, grad, adapters=[adapters])
+        result = span.backward(SpanInputs(span_input, adapters=[adapters]), grad)
         assert set(result.adapters[0]) == set(adapters.tensors)
         grads.update(result.adapters[0])
         grad = result.hidden_states
@@ -230,7 +230,7 @@ def test_prefix_session_matches_forward_and_rolls_back(tiny, spans, family):
     adapters = span_set(span, method, random_tensors(family, method, seed=5, scale=1.0))
     hidden = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = span(hidden, adapters=[adapters])
+        expected = span(SpanInputs(hidden, adapters=[adapters]))
     state = span.start_inference(1, 8, adapters=[adapters])
     with torch.no_grad():
         first = span.inference_step(state, hidden[:, :4])
@@ -357,7 +357,7 @@ def test_30_adam_steps_halve_the_loss(tiny, spans, family, methods, lr):
         hidden = tiny.model.embed_tokens(ids)
         tensors = [a.tensors() for a in adapters]
         for span in spans:
-            hidden = span(hidden, adapters=[span_set(span, a.method, t) for a, t in zip(adapters, tensors)])
+            hidden = span(SpanInputs(hidden, adapters=[span_set(span, a.method, t) for a, t in zip(adapters, tensors)]))
         loss = lm_loss(logits_of(tiny, hidden), ids)
         optimizer.zero_grad()
         loss.backward()
@@ -375,17 +375,19 @@ def test_bad_tensors_are_refused(spans, family):
     ia3 = IA3()
     good = span_set(span, ia3, random_tensors(family, ia3, seed=9)).tensors
     with pytest.raises(AdapterError, match=r"ia3 tensor 1\.mlp\.down_proj\.ia3_l has shape \(96, 1\), expected \(1, 96\)"):
-        span(hidden, adapters=[AdapterSet(ia3, dict(good, **{"1.mlp.down_proj.ia3_l": torch.ones(96, 1)}))])
+        span(SpanInputs(hidden,
+                        adapters=[AdapterSet(ia3, dict(good, **{"1.mlp.down_proj.ia3_l": torch.ones(96, 1)}))]))
     prefix = PrefixTuning(num_virtual_tokens=3)
     keys = span_set(span, prefix, random_tensors(family, prefix, seed=9)).tensors
     with pytest.raises(AdapterError, match=r"prefix tensor 0\.prefix_values must be floating point"):
-        span(hidden, adapters=[AdapterSet(prefix, dict(keys, **{"0.prefix_values": torch.ones(2, 3, 16).long()}))])
+        span(SpanInputs(hidden,
+                        adapters=[AdapterSet(prefix, dict(keys, **{"0.prefix_values": torch.ones(2, 3, 16).long()}))]))
     with pytest.raises(AdapterError, match=r"expected \(2, 3, 16\)"):
         span.start_inference(1, 4, adapters=[AdapterSet(prefix, dict(keys, **{"1.prefix_keys": torch.ones(2, 4, 16)}))])
     other = PrefixTuning(num_virtual_tokens=2)
     with pytest.raises(AdapterError, match="at most one method may put keys/values in the cache"):
-        span(hidden, adapters=[AdapterSet(prefix, keys),
-                               span_set(span, other, random_tensors(family, other, seed=9))])
+        span(SpanInputs(hidden, adapters=[AdapterSet(prefix, keys),
+                                          span_set(span, other, random_tensors(family, other, seed=9))]))
     assert not any(hooks for layer in span.layers for m in layer.modules()
                    for hooks in (m._forward_hooks, m._forward_pre_hooks)), "a refused call leaves no hooks"
 
