@@ -90,8 +90,11 @@ class BlockSpan(nn.Module):
 
     # --- stateless ----------------------------------------------------------------------------
 
-    def forward(self, inputs: SpanInputs) -> torch.Tensor:
-        """Hidden states through all blocks of the span, no cache."""
+    def forward(self, inputs: SpanInputs | torch.Tensor) -> torch.Tensor:
+        """Hidden states through all blocks of the span, no cache; `span(hidden_states)` works
+        like a torch layer, `span(SpanInputs(...))` adds a mask, positions and client tensors."""
+        if isinstance(inputs, torch.Tensor):
+            inputs = SpanInputs(inputs)
         inputs = inputs.checked(self)
         hidden_states, attention_mask, position_ids = inputs.hidden_states, inputs.attention_mask, inputs.position_ids
         batch, seq = hidden_states.shape[:2]
