@@ -266,7 +266,7 @@ class RequestDecoder:
         # The prefix length is a limit, checked from the message; the shape is the span's check.
         if len(shape) == 4 and not 1 <= shape[2] <= max_seq_length:
             raise BadRequest(f"deep_prompts prefix (dimension 2 of {shape}) must be in [1, {max_seq_length}]")
-        max_elements = self.span.num_blocks * batch * max_seq_length * self.hidden_size
+        max_elements = self.span.length * batch * max_seq_length * self.hidden_size
         return self._floating(parent.deep_prompts, "deep_prompts", max_elements)
 
     def _adapters(self, messages) -> list[AdapterSet]:

@@ -106,7 +106,7 @@ class SpanHost:
         served = ServedModel(model_id=self.model.model_id, model_name=self.checkpoint.name,
                              num_blocks=self.model.num_blocks, throughput=self.throughput, quant=config.quant)
         budget = CacheBudget(config.cache_tokens)
-        per_token = bytes_per_token(self.checkpoint.config, span.num_blocks, span.dtype.itemsize)
+        per_token = bytes_per_token(self.checkpoint.config, span.length, span.dtype.itemsize)
         logger.info("KV-cache budget: %d tokens (%.0f MiB)", config.cache_tokens,
                     config.cache_tokens * per_token / 2**20)
         self.span = span

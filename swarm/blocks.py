@@ -76,7 +76,8 @@ class BlockSpan(nn.Module):
         self.hidden_size = span_config.hidden_size
 
     @property
-    def num_blocks(self) -> int:
+    def length(self) -> int:
+        """How many blocks this span holds (`num_blocks` is always the model's total)."""
         return self.end - self.start
 
     @property
@@ -151,7 +152,7 @@ class BlockSpan(nn.Module):
         if batch_size < 1 or max_length < 1:
             raise SpanInputError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
         if deep_prompts is not None:
-            check_deep_prompts(deep_prompts, self.num_blocks, batch_size, self.hidden_size)
+            check_deep_prompts(deep_prompts, self.length, batch_size, self.hidden_size)
         cache = self.family.new_cache(self.span_config)
         # Checks every tensor against its block now: a bad session is refused when it opens.
         with adapters_applied(self.layers, self.start, list(adapters)) as applied, torch.no_grad():

@@ -51,7 +51,7 @@ class SpanInputs:
         if self.position_ids is not None:
             check_positions(self.position_ids, batch, seq)
         if self.deep_prompts is not None:
-            check_deep_prompts(self.deep_prompts, span.num_blocks, batch, span.hidden_size)
+            check_deep_prompts(self.deep_prompts, span.length, batch, span.hidden_size)
         return self._still_checked(span, attention_mask=check_mask(self.attention_mask, batch, seq),
                                    adapters=list(self.adapters))
 

@@ -99,7 +99,7 @@ def test_sharded_checkpoint_loads_span_by_span(tmp_path: Path):
 def test_bf16_load_converts_only_the_spans_tensors(smollm2):
     span = load_span(smollm2, 5, 6, dtype=torch.bfloat16)
     assert {p.dtype for p in span.parameters()} == {torch.bfloat16}
-    assert span.start == 5 and span.end == 6 and span.num_blocks == 1
+    assert span.start == 5 and span.end == 6 and span.length == 1
 
 
 # --- identities -----------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ def test_lora_grads_match_peft(tiny: TinyModel):
         shapes = method.tensor_shapes(span.layers[0])
         sets.append(AdapterSet(method, {
             f"{span.start + i}.{name}": torch.randn(shape, generator=generator) * 0.1
-            for i in range(span.num_blocks) for name, shape in shapes.items()
+            for i in range(span.length) for name, shape in shapes.items()
         }))
 
     # Reference: PEFT on a copy of the whole model, given the same A and B.

@@ -22,7 +22,7 @@ def lora_tensors(span: BlockSpan, method: LoRA, seed: int, scale: float = 0.05) 
     shapes = method.tensor_shapes(span.layers[0])
     return {
         f"{span.start + i}.{name}": torch.randn(shape, generator=generator) * scale
-        for i in range(span.num_blocks) for name, shape in shapes.items()
+        for i in range(span.length) for name, shape in shapes.items()
     }
 
 
@@ -178,7 +178,7 @@ def test_kept_graph_backward_equals_recomputed_backward(smollm2_spans):
     span = smollm2_spans[1]
     generator = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 6, span.hidden_size, generator=generator)
-    prompts = torch.randn(span.num_blocks, 2, 3, span.hidden_size, generator=generator) * 0.1
+    prompts = torch.randn(span.length, 2, 3, span.hidden_size, generator=generator) * 0.1
     method = LoRA(rank=RANK, alpha=ALPHA, targets=["q_proj", "v_proj"], dropout=0.1, seed=7)
     adapters = [AdapterSet(method, lora_tensors(span, method, seed=1))]
     grad_outputs = torch.randn(2, 6, span.hidden_size, generator=generator)
