@@ -55,6 +55,9 @@ def _our_caller() -> str | None:
     return f"{Path(frame.f_code.co_filename).relative_to(ROOT)}:{frame.f_lineno}"
 
 
+_innermost: list[list[str]] = []  # the collecting lists of the checks in force, innermost last
+
+
 class _LoggedDeprecations(logging.Handler):
     def __init__(self, found: list[str]):
         super().__init__(logging.WARNING)
@@ -62,6 +65,8 @@ class _LoggedDeprecations(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
+        if _innermost[-1] is not self.found:  # a nested check (tests/test_deprecations.py) owns it
+            return
         if "deprecat" in message.lower() and (caller := _our_caller()) is not None:
             self.found.append(f"{caller}: {record.name} logged: {message}")
 
@@ -71,6 +76,7 @@ def deprecations_are_errors() -> Iterator[list[str]]:
     """Collects our calls that drew a deprecation from a watched dependency; the caller fails
     the test when the list is not empty. Other warnings pass through to pytest as usual."""
     found: list[str] = []
+    _innermost.append(found)
     handler = _LoggedDeprecations(found)
     loggers = [logging.getLogger(name) for name in WATCHED]
     with warnings.catch_warnings():
@@ -92,3 +98,4 @@ def deprecations_are_errors() -> Iterator[list[str]]:
         finally:
             for logger in loggers:
                 logger.removeHandler(handler)
+            _innermost.pop()  # contexts nest, so the last one is ours
