@@ -1,0 +1,135 @@
+"""Many users at once: N client processes, each generating greedily through the same 3 peers
+(blocks 0:10, 10:20, 20:30 of the default model, `--decode-threads 1` as on any shared CPU box).
+Prints one JSON line.
+
+    python benchmarks/concurrent_users.py [--clients 1,2,4,8,16] [--tokens 32] [--timeout 600]
+
+For each client count: aggregate tokens/s (all tokens / (last finish - first start), not the best
+client's rate times N), per-client tokens/s (min / median / max), time to first token (median /
+max) and how many clients finished in --timeout. In the same swarm, the ceiling batching aims at:
+one session holding 8 sequences. Every client's tokens are checked against the 1-client run of
+its prompt (greedy: they must not depend on who else is generating).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import queue
+import statistics
+import time
+
+PROMPTS = ["A quick brown fox", "The capital of France is", "def fibonacci(n):", "Once upon a time, in a land",
+           "The best way to learn a language is", "Water boils at", "My favourite book is", "In 1969, the first"]
+
+
+def _client(index: int, peers: list[str], tokens: int, barrier, results) -> None:
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    from client import AutoDistributedModelForCausalLM
+    from swarm.named_models import DEFAULT_MODEL
+
+    class FirstToken(BaseStreamer):
+        """Notes when generate hands over its first new token (the first `put` is the prompt)."""
+        def __init__(self) -> None:
+            self.puts, self.first = 0, None
+
+        def put(self, value) -> None:
+            self.puts += 1
+            if self.puts == 2 and self.first is None:
+                self.first = time.time()
+
+        def end(self) -> None:
+            pass
+
+    torch.set_num_threads(1)  # N clients share the box with the peers
+    model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=peers)
+    ids = model.tokenizer(PROMPTS[index % len(PROMPTS)], return_tensors="pt")["input_ids"]
+    model.generate(ids, max_new_tokens=2, do_sample=False)  # routes found, channels open
+    barrier.wait()
+    streamer, started = FirstToken(), time.time()
+    out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=streamer)
+    finished = time.time()
+    results.put({"client": index, "start": started, "end": finished, "first": streamer.first,
+                 "ids": out[0, ids.shape[1]:].tolist()})
+    model.swarm.shutdown()
+
+
+def run_clients(count: int, peers: list[str], tokens: int, timeout: float) -> tuple[dict, dict[int, list]]:
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(count), ctx.Queue()
+    procs = [ctx.Process(target=_client, args=(i, peers, tokens, barrier, results)) for i in range(count)]
+    for proc in procs:
+        proc.start()
+    got, deadline = [], time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        try:
+            got.append(results.get(timeout=1.0))
+        except queue.Empty:
+            if not any(proc.is_alive() for proc in procs):
+                break
+    for proc in procs:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+    row = {"clients": count, "finished": len(got)}
+    if got:
+        wall = max(r["end"] for r in got) - min(r["start"] for r in got)
+        rates = [tokens / (r["end"] - r["start"]) for r in got]
+        firsts = [r["first"] - r["start"] for r in got if r["first"] is not None]
+        row.update(aggregate_tok_s=round(len(got) * tokens / wall, 2),
+                   per_client_tok_s={"min": round(min(rates), 2), "median": round(statistics.median(rates), 2),
+                                     "max": round(max(rates), 2)},
+                   first_token_s={"median": round(statistics.median(firsts), 3), "max": round(max(firsts), 3)}
+                   if firsts else None)
+    return row, {r["client"]: r["ids"] for r in got}
+
+
+def one_session_of_8(peers: list[str], tokens: int) -> float:
+    """Tokens/s of one session holding 8 left-padded sequences through the same peers."""
+    from client import AutoDistributedModelForCausalLM
+    from swarm.named_models import DEFAULT_MODEL
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, initial_peers=peers)
+    tokenizer = model.tokenizer
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(PROMPTS[:8], return_tensors="pt", padding=True)
+    options = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    model.generate(**inputs, max_new_tokens=2, **options)
+    started = time.perf_counter()
+    model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, **options)
+    elapsed = time.perf_counter() - started
+    model.swarm.shutdown()
+    return round(8 * tokens / elapsed, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", default="1,2,4,8,16", help="client counts, comma-separated")
+    parser.add_argument("--tokens", type=int, default=32, help="greedy tokens per client")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds each count may take")
+    args = parser.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
+
+    from client.apps.local_swarm import LocalSwarm
+    from swarm.checkpoint import resolve_checkpoint
+    from swarm.named_models import DEFAULT_MODEL
+
+    resolve_checkpoint(DEFAULT_MODEL)
+    rows, alone = [], {}
+    with LocalSwarm(["0:10", "10:20", "20:30"], DEFAULT_MODEL) as swarm:
+        for count in counts:
+            row, ids = run_clients(count, swarm.initial_peers, args.tokens, args.timeout)
+            for client, tokens in ids.items():
+                alone.setdefault(client % len(PROMPTS), tokens)  # the first run of each prompt is the reference
+            row["tokens_as_alone"] = all(tokens == alone[client % len(PROMPTS)] for client, tokens in ids.items())
+            rows.append(row)
+        session_8 = one_session_of_8(swarm.initial_peers, args.tokens)
+    print(json.dumps({"benchmark": "concurrent", "peers": 3, "tokens_per_client": args.tokens, "runs": rows,
+                      "one_session_of_8_tok_s": session_8}))
+
+
+if __name__ == "__main__":
+    main()
