@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import grpc
 import hivemind
 
+from swarm.dht_process import OwnedDHT
 from swarm.registry import PeerRecord, fetch_span_records
 
 from .routing import Hop, MissingBlocksError, RouteFinder
@@ -40,7 +41,8 @@ class RemoteSwarm:
             raise ValueError("initial_peers is empty: pass the multiaddr printed by `swarm dht`")
         self.model_id, self.num_blocks = model_id, num_blocks
         self.settings = settings or SwarmSettings()
-        self.dht = dht or hivemind.DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
+        # A DHT process of our own that dies with this process (a killed client leaves no orphan).
+        self.dht = dht or OwnedDHT(initial_peers=list(initial_peers), client_mode=True, start=True)
         self.routes = RouteFinder(model_id, num_blocks, allow_quantized=self.settings.allow_quantized)
         self._records: dict[int, list[PeerRecord]] | None = None
         self._records_time = 0.0

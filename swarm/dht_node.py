@@ -107,9 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
 
-    import hivemind  # heavy (pulls in torch): imported after --help and argument errors
+    from .dht_process import OwnedDHT  # heavy (hivemind, torch): imported after --help and argument errors
 
-    dht = hivemind.DHT(start=True, host_maddrs=[listen], initial_peers=args.initial_peers or None,
+    dht = OwnedDHT(start=True, host_maddrs=[listen], initial_peers=args.initial_peers or None,
                        identity_path=args.identity_path)
     try:
         maddrs = order_maddrs([str(m) for m in dht.get_visible_maddrs()], args.host)

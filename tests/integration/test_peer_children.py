@@ -1,5 +1,6 @@
-"""A peer killed with SIGKILL takes its children with it: hivemind's DHT process and that
-process's p2pd daemon must not stay behind as orphans, still answering in the DHT."""
+"""A peer, a `swarm dht` node or a client killed with SIGKILL takes its children with it:
+hivemind's DHT process and that process's p2pd daemon must not stay behind as orphans, still
+answering in the DHT."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import time
 
 import psutil
 import pytest
+
+from tests.integration.conftest import DHT_LINE
+from tests.procs import wait_for_line
 
 pytestmark = pytest.mark.integration
 
@@ -37,3 +41,27 @@ def test_sigkill_of_a_peer_leaves_none_of_its_descendants(swarm_procs):
         time.sleep(0.1)
     left = [f"{p.pid} {p.name()} (parent {p.ppid()})" for p in still_running(descendants)]
     assert not left, f"descendants of the killed peer still run {GRACE_SECONDS:g} s later: {left}"
+
+
+def assert_descendants_die_with(proc, what: str) -> None:
+    descendants = psutil.Process(proc.pid).children(recursive=True)
+    assert len(descendants) >= 2, f"expected the DHT process and its p2pd under {what}, found " \
+                                  f"{sorted(p.name() for p in descendants)}"
+    proc.kill()
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + GRACE_SECONDS
+    while still_running(descendants) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [f"{p.pid} {p.name()} (parent {p.ppid()})" for p in still_running(descendants)]
+    assert not left, f"descendants of the killed {what} still run {GRACE_SECONDS:g} s later: {left}"
+
+
+def test_sigkill_of_a_dht_node_or_a_client_leaves_none_of_their_descendants(swarm_procs, dht_maddr):
+    node = swarm_procs.spawn(["python", "-m", "swarm.cli", "dht", "--host", "127.0.0.1"])
+    wait_for_line(node, DHT_LINE, timeout=30)
+    assert_descendants_die_with(node, "swarm dht")
+    script = ("import sys, time\nfrom client import RemoteSwarm\n"
+              f"RemoteSwarm([{dht_maddr!r}], 'm', 30)\nprint('joined', flush=True)\ntime.sleep(120)\n")
+    client = swarm_procs.spawn(["python", "-c", script])
+    wait_for_line(client, r"^joined$", timeout=60)
+    assert_descendants_die_with(client, "client")
