@@ -8,8 +8,8 @@ import uuid
 
 import torch
 
+from swarm.dtypes import dtype_name
 from swarm.wire import serialize_tensor, swarm_pb2
-from swarm.wire.tensors import DTYPE_NAMES
 
 from .routing import Hop
 from .tuning import TuningPayload
@@ -66,11 +66,6 @@ def forward_request(inputs: swarm_pb2.SpanInputs, backward_follows: bool) -> swa
 def backward_request(forward: swarm_pb2.ForwardRequest, grad_outputs: swarm_pb2.Tensor) -> swarm_pb2.BackwardRequest:
     """The Backward of a Forward that a peer served: the same inputs, naming its kept graph."""
     return swarm_pb2.BackwardRequest(inputs=forward.inputs, grad_outputs=grad_outputs, backward_id=forward.backward_id)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The wire's name of an activation dtype ("float32", "bfloat16", ...)."""
-    return DTYPE_NAMES[dtype]
 
 
 def inference_open(model_id: str, session_id: str, hop: Hop, max_length: int, batch_size: int,

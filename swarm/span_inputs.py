@@ -24,7 +24,7 @@ class SpanShape(Protocol):
     """What the checks need of a span (a `swarm.blocks.BlockSpan`)."""
 
     hidden_size: int
-    num_blocks: int
+    length: int  # blocks in the span
 
 
 @dataclass(frozen=True, eq=False)
