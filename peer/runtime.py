@@ -11,6 +11,16 @@ Inference steps go before Forward/Backward: a client generating text waits for e
 while training batches are large and can wait, so training never starves generation. Within
 one priority, work runs in arrival order.
 
+Decode steps of different sessions that wait at the same time run as one forward pass
+(`run_together`): when the worker comes free it takes the first job, and with it every queued
+job of the same batch key, and hands them to one function. Nothing waits for company: a lone
+client's step runs the moment the worker is free, and steps only pile up (and merge) while
+the worker is busy, which is exactly when merging pays.
+
+A long training call does not hold the worker for its whole length: it calls `make_way()`
+between pieces of its work (per block), which runs the inference jobs waiting by then, on
+this same thread, before the call goes on.
+
 Light jobs (a decode step: one token per sequence) may run on fewer threads than the rest
 (`light_threads`). On CPU a decode step is a chain of small memory-bound ops where threads add
 synchronisation and little speed, and several peers sharing a machine (`LocalSwarm`) would
@@ -23,12 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
 import itertools
 import logging
-import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Hashable, Sequence, TypeVar
 
 from swarm.heap import release_freed_memory
 
@@ -58,6 +68,10 @@ class _Job:
     light: bool = field(compare=False, default=False)
     future: asyncio.Future | None = field(compare=False, default=None)
     loop: asyncio.AbstractEventLoop | None = field(compare=False, default=None)
+    # Jobs with the same key (not None) may run together: fn takes the list of their items.
+    batch_key: Hashable | None = field(compare=False, default=None)
+    item: Any = field(compare=False, default=None)
+    rows: int = field(compare=False, default=1)
 
 
 class RuntimeStopped(RuntimeError):
@@ -72,28 +86,49 @@ class ComputeRuntime:
     the job starts, the job is skipped.
     """
 
-    def __init__(self, name: str = "compute", threads: int | None = None, light_threads: int | None = None) -> None:
+    def __init__(self, name: str = "compute", threads: int | None = None, light_threads: int | None = None,
+                 max_rows: int = 64) -> None:
         self.threads, self.light_threads = threads, light_threads  # None: torch's setting as it is
-        self._queue: queue.PriorityQueue[_Job] = queue.PriorityQueue()
+        self.max_rows = max_rows  # rows (sequences) one merged run may hold
+        self._heap: list[_Job] = []
+        self._ready = threading.Condition()
         self._seq = itertools.count()
         self._stopped = False
+        self._running_priority: int | None = None  # the worker's current job, for make_way
+        self._default_threads: int | None = None
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
     async def run(self, priority: Priority, fn: Callable[..., T], *args: Any, light: bool = False,
                   **kwargs: Any) -> T:
         """`fn(*args, **kwargs)` on the worker; `light`: on `light_threads` threads."""
+        return await self._submit(_Job(int(priority), next(self._seq), fn, args, kwargs, light))
+
+    async def run_together(self, priority: Priority, key: Hashable, fn: Callable[[list], Sequence], item: Any,
+                           rows: int = 1, light: bool = False) -> Any:
+        """`fn([item, ...])[i]` for this item, run in one call with the other items of `key`
+        waiting when the worker takes it (up to `max_rows` rows in all). `fn` returns one
+        result per item, in order; an item whose result is an exception gets it raised."""
+        return await self._submit(_Job(int(priority), next(self._seq), fn, light=light, batch_key=key, item=item,
+                                       rows=rows))
+
+    async def _submit(self, job: _Job):
         if self._stopped:
             raise RuntimeStopped("the compute runtime is shut down")
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.put(_Job(int(priority), next(self._seq), fn, args, kwargs, light, future, loop))
-        return await future
+        job.loop = asyncio.get_running_loop()
+        job.future = job.loop.create_future()
+        self._put(job)
+        return await job.future
+
+    def _put(self, job: _Job) -> None:
+        with self._ready:
+            heapq.heappush(self._heap, job)
+            self._ready.notify()
 
     @property
     def pending(self) -> int:
         """Jobs waiting (not counting the one running); approximate, for Info and logs."""
-        return self._queue.qsize()
+        return len(self._heap)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stops the worker after the jobs already queued; waits up to `timeout` seconds."""
@@ -101,20 +136,66 @@ class ComputeRuntime:
             return
         self._stopped = True
         # Lowest priority and last in order: everything submitted before runs first.
-        self._queue.put(_Job(len(Priority), next(self._seq), None))
+        self._put(_Job(len(Priority), next(self._seq), None))
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.warning("compute worker still busy after %.1f s; leaving it (daemon thread)", timeout)
 
-    def _work(self) -> None:
+    def make_way(self) -> int:
+        """Called by a job on the worker thread between pieces of its work: runs the jobs of
+        higher priority waiting now (and those arriving meanwhile), then returns how many ran.
+        Anywhere else it does nothing."""
+        if threading.current_thread() is not self._thread or self._running_priority is None:
+            return 0
+        mine, ran = self._running_priority, 0
+        threads_before = self._torch().get_num_threads()
+        while (taken := self._take(below=mine)) is not None:
+            self._run(taken)
+            ran += len(taken)
+        if ran and self._torch().get_num_threads() != threads_before:
+            self._torch().set_num_threads(threads_before)
+        return ran
+
+    # --- the worker ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _torch():
         import torch  # here, not at import: `swarm peer --help` must stay instant
 
-        default = self.threads or torch.get_num_threads()
+        return torch
+
+    def _take(self, below: int | None = None, timeout: float | None = None) -> list[_Job] | None:
+        """The next job, with the queued jobs that run together with it; None if nothing is
+        queued (of priority below `below`, when given) within `timeout` s (None: wait forever,
+        unless `below` is given: then no wait)."""
+        with self._ready:
+            if below is None and not self._heap:
+                self._ready.wait(timeout)
+            if not self._heap or (below is not None and self._heap[0].priority >= below):
+                return None
+            first = heapq.heappop(self._heap)
+            if first.batch_key is None:
+                return [first]
+            jobs, rows, rest = [first], first.rows, []
+            for job in sorted(self._heap):  # arrival order within a priority
+                if (job.batch_key == first.batch_key and job.priority == first.priority
+                        and rows + job.rows <= self.max_rows):
+                    jobs.append(job)
+                    rows += job.rows
+                else:
+                    rest.append(job)
+            if len(jobs) > 1:
+                self._heap = rest
+                heapq.heapify(self._heap)
+            return jobs
+
+    def _work(self) -> None:
+        torch = self._torch()
+        default = self._default_threads = self.threads or torch.get_num_threads()
         trim_when_idle = False
         while True:
-            try:
-                job = self._queue.get(timeout=IDLE_TRIM_SECONDS if trim_when_idle else None)
-            except queue.Empty:
+            jobs = self._take(timeout=IDLE_TRIM_SECONDS if trim_when_idle else None)
+            if jobs is None:
                 # Heavy work is over for now: a training call's activations are freed but glibc
                 # keeps them (measured: a peer held 1.9x its weights + cache after one step
                 # instead of 1.1x). Not after every call: the next call of a training run would
@@ -122,20 +203,41 @@ class ComputeRuntime:
                 release_freed_memory()
                 trim_when_idle = False
                 continue
-            if job.fn is None:
+            if jobs[0].fn is None:
                 return
-            want = (self.light_threads or default) if job.light else default
-            if torch.get_num_threads() != want:
-                torch.set_num_threads(want)  # ~microseconds; changes only between jobs
-            self._run(job)
-            trim_when_idle = trim_when_idle or not job.light
+            self._running_priority = jobs[0].priority
+            self._run(jobs)
+            self._running_priority = None
+            trim_when_idle = trim_when_idle or not all(job.light for job in jobs)
             # Let go now, not when the next job arrives: an idle worker must not keep the last
             # request's tensors (a training batch, a closed session's KV cache) alive.
-            del job
+            del jobs
 
-    @staticmethod
-    def _run(job: _Job) -> None:
-        assert job.future is not None and job.loop is not None
-        if job.future.cancelled():  # read across threads: at worst we run a job nobody awaits
+    def _run(self, jobs: list[_Job]) -> None:
+        torch = self._torch()
+        default = self._default_threads or torch.get_num_threads()
+        want = (self.light_threads or default) if all(job.light for job in jobs) else default
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)  # ~microseconds; changes only between jobs
+        # Read across threads: at worst we run a job nobody awaits.
+        jobs = [job for job in jobs if not job.future.cancelled()]
+        if not jobs:
             return
-        run_into(job.loop, job.future, job.fn, *job.args, **job.kwargs)
+        first = jobs[0]
+        if first.batch_key is None:
+            run_into(first.loop, first.future, first.fn, *first.args, **first.kwargs)
+            return
+        try:
+            results = first.fn([job.item for job in jobs])
+            if len(results) != len(jobs):
+                raise RuntimeError(f"a batch function returned {len(results)} results for {len(jobs)} items")
+        except BaseException as e:  # noqa: BLE001 - every job of the batch gets it
+            results = [e] * len(jobs)
+        for job, result in zip(jobs, results):
+            run_into(job.loop, job.future, _given, result)
+
+
+def _given(result):
+    if isinstance(result, BaseException):
+        raise result
+    return result
