@@ -8,10 +8,11 @@ which keeps a large answer's copy off the event loop.
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import torch
 
-from swarm.blocks import BlockSpan, InferenceState
+from swarm.blocks import BlockSpan, InferenceState, StepArgs
 from swarm.span_graph import SpanGraph
 from swarm.wire import serialize_tensor, swarm_pb2
 
@@ -25,6 +26,7 @@ class SpanCompute:
     def __init__(self, span: BlockSpan, kept: KeptGraphs) -> None:
         self.span, self.kept = span, kept
         self.backwards_kept = self.backwards_recomputed = 0  # how Backward calls were answered
+        self.step_batches: Counter[int] = Counter()  # sessions per forward pass of decode steps -> passes
 
     def forward(self, call: SpanCall) -> swarm_pb2.Tensor:
         if call.backward_id and self.kept.max_bytes:
@@ -56,9 +58,26 @@ class SpanCompute:
     def inference_step(self, state: InferenceState, step: InferenceStep,
                        codec: str) -> tuple[swarm_pb2.Tensor, float, float]:
         """The step's encoded output, and the seconds spent computing and encoding it."""
+        result = self.inference_steps([(state, step, codec)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def inference_steps(self, items: list[tuple[InferenceState, InferenceStep, str]]) -> list:
+        """Steps of several sessions, run together where they can be (swarm/step_batch.py):
+        for each, its encoded output and the seconds spent computing and encoding (the joined
+        pass's, for a step that ran in one), or the error that refused it."""
         started = time.perf_counter()
-        hidden = self.span.inference_step(state, step.hidden_states, step.attention_mask, step.position_ids,
-                                          step.hypo_ids, step.position)
+        run = self.span.inference_steps([StepArgs(state, step.hidden_states, step.attention_mask, step.position_ids,
+                                                  step.hypo_ids, step.position) for state, step, _ in items])
         computed = time.perf_counter()
-        encoded = serialize_tensor(hidden.to(step.client_dtype), codec)
-        return encoded, computed - started, time.perf_counter() - computed
+        self.step_batches.update(run.passes)
+        answers = []
+        for (_, step, codec), hidden in zip(items, run.results):
+            if isinstance(hidden, Exception):
+                answers.append(hidden)
+                continue
+            encoding = time.perf_counter()
+            encoded = serialize_tensor(hidden.to(step.client_dtype), codec)
+            answers.append((encoded, computed - started, time.perf_counter() - encoding))
+        return answers

@@ -99,7 +99,7 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
             sessions=self.sessions.statuses(),
             capabilities=[PUSH_CAPABILITY], pushes_sent=self.pushes.sent, pushes_received=self.pushes.received,
             backwards_kept=compute.backwards_kept, backwards_recomputed=compute.backwards_recomputed,
-            kept_graph_bytes=self.kept.nbytes,
+            kept_graph_bytes=self.kept.nbytes, step_batches=dict(compute.step_batches),
         )
 
     # --- inference sessions (peer/sessions.py) -----------------------------------------------

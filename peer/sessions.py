@@ -26,7 +26,7 @@ from swarm.wire import swarm_pb2
 from .compute import SpanCompute
 from .memory import CacheBudget, CacheReservation
 from .push import ANSWER_AFTER_PUSH_MAX_WAIT, PushFailed, Pushed, PushRouter, SessionInbox, check_targets, is_stale
-from .requests import BadRequest, InferenceOpen, RequestDecoder, decode, tensor_bytes
+from .requests import BadRequest, InferenceOpen, InferenceStep, RequestDecoder, decode, tensor_bytes
 from .runtime import ComputeRuntime, Priority
 from .status import end_call, refuse
 
@@ -151,9 +151,7 @@ class InferenceSessions:
             step = await decode(len(request.step.hidden_states.data), self.decoder.inference_step,
                                 request.step, opened)
             decoded = time.perf_counter()
-            hidden, session.compute_s, session.encode_s = await self.runtime.run(
-                Priority.INFERENCE, self.compute.inference_step, state, step, session.response_codec,
-                light=step.hidden_states.shape[1] == 1)
+            hidden, session.compute_s, session.encode_s = await self._compute(state, step, session.response_codec)
             computed = time.perf_counter()
             session.steps += 1
             session.tokens_received += step.hidden_states.shape[1]
@@ -177,6 +175,17 @@ class InferenceSessions:
                              step.hidden_states.shape[1], 1e3 * (decoded - received), 1e3 * queued,
                              1e3 * session.compute_s, 1e3 * session.encode_s, 1e3 * (time.perf_counter() - computed),
                              received)
+
+    async def _compute(self, state: InferenceState, step: InferenceStep, codec: str):
+        """The step on the compute thread: a decode step of a session that may join others
+        runs in one forward pass with the joinable steps waiting then (peer/runtime.py)."""
+        decoding = step.hidden_states.shape[1] == 1
+        if decoding and state.joinable:
+            rows = step.hidden_states.shape[0]
+            return await self.runtime.run_together(Priority.INFERENCE, self.compute, self.compute.inference_steps,
+                                                   (state, step, codec), rows=rows, light=True)
+        return await self.runtime.run(Priority.INFERENCE, self.compute.inference_step, state, step, codec,
+                                      light=decoding)
 
     async def _next_request(self, session: InferenceSession,
                             context: grpc.aio.ServicerContext) -> swarm_pb2.InferenceRequest | None:

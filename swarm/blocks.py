@@ -21,27 +21,12 @@ from .models import ModelFamily
 from .span_graph import SavedBytes, SpanGraph, SpanGrads
 from .span_inputs import (SpanInputError, SpanInputs, check_deep_prompts, check_grad_outputs, check_hidden,
                           check_hypo_ids, check_mask, check_positions)
+from .step_batch import InferenceState, PreparedStep, StepArgs, StepsRun, run_steps
 from .tuning import AdapterSet, AppliedAdapters, adapters_applied
 
 # Homes of their own since the split; still importable from here.
-__all__ = ["BlockSpan", "InferenceState", "SpanGraph", "SpanGrads", "SpanInputError", "SpanInputs",
+__all__ = ["BlockSpan", "InferenceState", "PreparedStep", "SpanGraph", "SpanGrads", "SpanInputError", "SpanInputs",
            "default_position_ids"]
-
-
-@dataclass
-class InferenceState:
-    """One inference session's memory on this span: KV cache, padding mask so far, and the
-    client tensors fixed for the session. A key/value prefix (prefix tuning) sits in the cache
-    ahead of the session's tokens; `position` and the mask count only the session's tokens."""
-
-    cache: Cache
-    batch_size: int
-    max_length: int
-    position: int = 0
-    attention_mask: torch.Tensor | None = None  # (batch, position), None while all ones
-    deep_prompts: torch.Tensor | None = None
-    adapters: list[AdapterSet] = field(default_factory=list)
-    prefix_length: int = 0
 
 
 def default_position_ids(attention_mask: torch.Tensor | None, past: int, new: int, batch: int,
@@ -179,6 +164,34 @@ class BlockSpan(nn.Module):
         The mask and hypo ids may come on the CPU (their values are checked there, with no wait
         on the device: a peer sends them so); they are moved to the hidden states' device here.
         """
+        return self.run_prepared(self.prepare_step(state, hidden_states, attention_mask, position_ids, hypo_ids,
+                                                   position))
+
+    def run_prepared(self, step: PreparedStep) -> torch.Tensor:
+        """A prepared step run alone, with its session's own cache and adapters, committed."""
+        state = step.state
+        before_block = self._deep_prompt_adder(state.deep_prompts, past=step.past, new=step.new)
+        with adapters_applied(self.layers, self.start, state.adapters, checked=True):  # at start_inference
+            outputs = self.family.run_layers(
+                self.layers, self.rotary, self.span_config, self.start, step.hidden_states,
+                step.layer_mask, step.position_ids, cache=state.cache, before_block=before_block,
+            )
+        # Committed only now: a step refused before, or failing in the layers, leaves the
+        # padding mask and position as they were.
+        step.commit()
+        return outputs
+
+    @torch.inference_mode()
+    def inference_steps(self, steps: list[StepArgs]) -> StepsRun:
+        """Steps of different sessions, run together where they can be (swarm/step_batch.py):
+        each session's output, or the error that refused its step, in order."""
+        return run_steps(self, steps)
+
+    def prepare_step(self, state: InferenceState, hidden_states: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                     hypo_ids: torch.Tensor | None = None, position: int | None = None) -> PreparedStep:
+        """Checks a step against its session and readies the session for it (rolled back,
+        beams reordered); what enters the layers, to be committed once they have run."""
         # Everything is checked before the session changes: a refused step leaves it as it was.
         # The session's deep prompts and adapters were checked by start_inference.
         batch, new = check_hidden(hidden_states, self.hidden_size, expected_batch=state.batch_size)
@@ -213,17 +226,8 @@ class BlockSpan(nn.Module):
         layer_mask = full_mask
         if state.prefix_length:
             layer_mask, position_ids = _behind_prefix(state.prefix_length, full_mask, position_ids)
-        before_block = self._deep_prompt_adder(state.deep_prompts, past=past, new=new)
-        with adapters_applied(self.layers, self.start, state.adapters, checked=True):  # at start_inference
-            outputs = self.family.run_layers(
-                self.layers, self.rotary, self.span_config, self.start, hidden_states,
-                layer_mask, position_ids, cache=state.cache, before_block=before_block,
-            )
-        # Committed only now: a step refused above, or failing in the layers, leaves the
-        # padding mask and position as they were.
-        state.attention_mask = full_mask
-        state.position = past + new
-        return outputs
+        return PreparedStep(state, hidden_states, past, new, full_mask, layer_mask, position_ids,
+                            in_prompts=state.deep_prompts is not None and past < state.deep_prompts.shape[2])
 
     @staticmethod
     def _rollback(state: InferenceState, position: int) -> None:

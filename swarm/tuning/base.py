@@ -64,6 +64,10 @@ class AdapterMethod(ABC):
     def tensor_shapes(self, layer: nn.Module) -> dict[str, tuple[int, ...]]:
         """The tensors one block needs, by name, read off the (possibly meta) layer."""
 
+    # Whether `attach` hooks the layers' modules. A session whose methods do not (a prefix lives
+    # in its cache only) can share one forward pass with other sessions' decode steps.
+    hooks_layers: ClassVar[bool] = True
+
     def attach(self, layer: nn.Module, tensors: dict[str, torch.Tensor], block_index: int) -> list:
         """Makes the layer apply the tensors until the returned hook handles are removed."""
         return []

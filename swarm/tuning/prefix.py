@@ -31,6 +31,7 @@ KEYS, VALUES = "prefix_keys", "prefix_values"
 class PrefixTuning(AdapterMethod):
     name: ClassVar[str] = "prefix"
     peft_type: ClassVar[str] = "PREFIX_TUNING"
+    hooks_layers: ClassVar[bool] = False  # keys/values in the cache only
 
     def __init__(self, num_virtual_tokens: int = 16, projection: int | None = None):
         self.num_virtual_tokens = integer_setting(num_virtual_tokens, "prefix", "num_virtual_tokens", 1,

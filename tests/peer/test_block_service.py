@@ -21,6 +21,7 @@ from peer.service import BlockService, ServedModel
 from swarm.blocks import SpanInputs
 from swarm.checkpoint import resolve_checkpoint
 from swarm.loading import load_span
+from swarm.tuning import AdapterSet
 from swarm.tuning.prefix import PrefixTuning
 from swarm.wire import deserialize_tensor, serialize_tensor, swarm_pb2, swarm_pb2_grpc
 from tests.peer.rpc_helpers import (
@@ -227,6 +228,64 @@ def test_concurrent_clients_do_not_see_each_others_adapters(peer, span):
     assert not errors, errors
     for answer, want in zip(answers, expected):
         torch.testing.assert_close(deserialize_tensor(answer.hidden_states), want, atol=1e-5, rtol=0)
+
+
+def test_concurrent_sessions_decode_steps_run_together_as_alone(peer, span):
+    """Four sessions (different lengths, one a batch of 2, one with a prefix) send decode steps
+    while the compute thread is busy: they run as one forward pass, each getting what it
+    gets alone; a LoRA session's step runs apart."""
+    from peer.runtime import Priority
+
+    prefix = PrefixTuning(num_virtual_tokens=2)
+    generator = torch.Generator().manual_seed(50)
+    prefix_set = AdapterSet(prefix, {f"{START + i}.{name}": torch.randn(shape, generator=generator) * 0.3
+                                     for i, layer in enumerate(span.layers)
+                                     for name, shape in prefix.tensor_shapes(layer).items()})
+    prefix_msg = pb.AdapterTensors(method="prefix", config_json=prefix.to_json(),
+                                   tensors={n: serialize_tensor(t) for n, t in prefix_set.tensors.items()})
+    lora, lora_msg = lora_for(span, seed=51)
+    plans = [dict(batch=1, prompt=3), dict(batch=1, prompt=7), dict(batch=2, prompt=5),
+             dict(batch=1, prompt=4, adapters=[prefix_set], msgs=[prefix_msg]),
+             dict(batch=1, prompt=6, adapters=[lora], msgs=[lora_msg])]
+    prompts = [hidden(batch=p["batch"], seq=p["prompt"], seed=60 + i) for i, p in enumerate(plans)]
+    steps = [[hidden(batch=p["batch"], seq=1, seed=70 + 10 * i + k) for k in range(3)] for i, p in enumerate(plans)]
+    expected = []
+    for plan, prompt, mine in zip(plans, prompts, steps):
+        state = span.start_inference(plan["batch"], 16, adapters=plan.get("adapters", []))
+        expected.append([span.inference_step(state, x) for x in [prompt, *mine]])
+    before = dict(info(peer).step_batches)
+
+    streams = [SessionStream(peer.stub) for _ in plans]
+    answers: list[list] = [[] for _ in plans]
+    try:
+        for i, (stream, plan) in enumerate(zip(streams, plans)):
+            stream.send(open_request(MODEL_ID, START, END, batch_size=plan["batch"], max_length=16,
+                                     session_id=f"together-{i}", adapters=plan.get("msgs", [])))
+            answers[i].append(stream.send(step_request(1, 0, prompts[i])))
+
+        def decode(i: int, k: int) -> None:
+            answers[i].append(streams[i].send(step_request(k + 2, plans[i]["prompt"] + k, steps[i][k])))
+
+        for k in range(3):
+            busy = threading.Thread(target=peer.call, args=(peer.runtime.run(Priority.TRAINING, time.sleep, 0.5),))
+            busy.start()
+            time.sleep(0.05)  # the worker is asleep: every step below waits for it
+            senders = [threading.Thread(target=decode, args=(i, k)) for i in range(len(plans))]
+            for thread in senders:
+                thread.start()
+            for thread in senders + [busy]:
+                thread.join(30)
+    finally:
+        for stream in streams:
+            stream.close()
+    for i, (got, want) in enumerate(zip(answers, expected)):
+        assert len(got) == len(want), f"session {i} got {len(got)} answers"
+        for answer, w in zip(got, want):
+            torch.testing.assert_close(deserialize_tensor(answer.hidden_states), w, atol=5e-5, rtol=1e-4)
+    after = dict(info(peer).step_batches)
+    grew = {size: after.get(size, 0) - before.get(size, 0) for size in after}
+    assert grew.get(4, 0) == 3, grew  # the four joinable sessions, once per round
+    assert grew.get(1, 0) >= 3, grew  # the LoRA session's steps (and the prompts) alone
 
 
 # --- refusals -------------------------------------------------------------------------------
