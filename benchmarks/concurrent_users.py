@@ -87,6 +87,30 @@ def run_clients(count: int, peers: list[str], tokens: int, timeout: float) -> tu
     return row, {r["client"]: r["ids"] for r in got}
 
 
+def step_batches(endpoints: list[str]) -> list[dict[int, int]]:
+    """Each peer's Info counter: forward passes run so far, by how many sessions' steps they held."""
+    import grpc
+
+    from swarm.wire import swarm_pb2, swarm_pb2_grpc
+
+    counts = []
+    for endpoint in endpoints:
+        with grpc.insecure_channel(endpoint) as channel:
+            info = swarm_pb2_grpc.BlockServiceStub(channel).Info(swarm_pb2.InfoRequest(), timeout=10)
+        counts.append(dict(info.step_batches))
+    return counts
+
+
+def batches_between(before: list[dict[int, int]], after: list[dict[int, int]]) -> dict:
+    """Passes each peer ran between two counts, by size; and the mean sessions per pass."""
+    per_peer = [{size: n - old.get(size, 0) for size, n in sorted(new.items()) if n - old.get(size, 0)}
+                for old, new in zip(before, after)]
+    passes = sum(n for peer in per_peer for n in peer.values())
+    steps = sum(size * n for peer in per_peer for size, n in peer.items())
+    return {"per_peer": [{str(k): v for k, v in peer.items()} for peer in per_peer],
+            "mean_sessions_per_pass": round(steps / passes, 2) if passes else None}
+
+
 def one_session_of_8(peers: list[str], tokens: int) -> float:
     """Tokens/s of one session holding 8 left-padded sequences through the same peers."""
     from client import AutoDistributedModelForCausalLM
@@ -110,6 +134,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,2,4,8,16", help="client counts, comma-separated")
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens per client")
     parser.add_argument("--timeout", type=float, default=600, help="seconds each count may take")
+    parser.add_argument("--peer-args", default="", help="extra `swarm peer` arguments, e.g. '--join-wait-ms 0'")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
 
@@ -119,15 +144,18 @@ def main() -> None:
 
     resolve_checkpoint(DEFAULT_MODEL)
     rows, alone = [], {}
-    with LocalSwarm(["0:10", "10:20", "20:30"], DEFAULT_MODEL) as swarm:
+    with LocalSwarm(["0:10", "10:20", "20:30"], DEFAULT_MODEL, extra_peer_args=args.peer_args.split()) as swarm:
         for count in counts:
+            before = step_batches(swarm.endpoints)
             row, ids = run_clients(count, swarm.initial_peers, args.tokens, args.timeout)
+            row["peer_batches"] = batches_between(before, step_batches(swarm.endpoints))
             for client, tokens in ids.items():
                 alone.setdefault(client % len(PROMPTS), tokens)  # the first run of each prompt is the reference
             row["tokens_as_alone"] = all(tokens == alone[client % len(PROMPTS)] for client, tokens in ids.items())
             rows.append(row)
         session_8 = one_session_of_8(swarm.initial_peers, args.tokens)
-    print(json.dumps({"benchmark": "concurrent", "peers": 3, "tokens_per_client": args.tokens, "runs": rows,
+    print(json.dumps({"benchmark": "concurrent", "peers": 3, "peer_args": args.peer_args,
+                      "tokens_per_client": args.tokens, "runs": rows,
                       "one_session_of_8_tok_s": session_8}))
 
 

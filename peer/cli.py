@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="CPU threads for decode steps (one new token per sequence): small memory-bound "
                          "ops that gain little from threads; when several peers share one machine, give each 1 "
                          "(default: as --threads)")
+    compute.add_argument("--join-wait-ms", type=float, default=defaults.join_wait_ms, metavar="MS",
+                         help="while other sessions are generating here, a decode step waits up to this long "
+                         "for theirs, so that they run as one forward pass (a lone session never waits); "
+                         "0: never wait (default: %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="stderr log level (default: %(default)s)")
     return p
@@ -217,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         limits=PeerLimits(max_batch_size=args.max_batch_size, max_seq_length=args.max_seq_length,
                           max_message_bytes=args.max_message_mb * MB),
         session_timeout=args.session_timeout, backward_memory_mb=args.backward_memory,
-        threads=args.threads, decode_threads=args.decode_threads,
+        threads=args.threads, decode_threads=args.decode_threads, join_wait_ms=max(0.0, args.join_wait_ms),
         announce_period=args.announce_period,
         blocks_wanted=args.num_blocks, balance_period=args.balance_period,
     )

@@ -13,9 +13,11 @@ one priority, work runs in arrival order.
 
 Decode steps of different sessions that wait at the same time run as one forward pass
 (`run_together`): when the worker comes free it takes the first job, and with it every queued
-job of the same batch key, and hands them to one function. Nothing waits for company: a lone
-client's step runs the moment the worker is free, and steps only pile up (and merge) while
-the worker is busy, which is exactly when merging pays.
+job of the same batch key, and hands them to one function. A lone client's step runs the
+moment the worker is free. While other sessions are generating too, a step may wait up to
+`join_wait` (from its arrival) for theirs: their clients are mid-round (sampling a token,
+or on the wire), and running each step as it trickles in would read every weight once per
+session instead of once per round. Sessions idle for ACTIVE_GAP are not waited for.
 
 A long training call does not hold the worker for its whole length: it calls `make_way()`
 between pieces of its work (per block), which runs the inference jobs waiting by then, on
@@ -37,6 +39,7 @@ import heapq
 import itertools
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence, TypeVar
 
@@ -49,6 +52,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # Seconds without work after a heavy job (training, prefill) before freed memory goes back to the OS.
 IDLE_TRIM_SECONDS = 1.0
+# A member of a batch key whose last job ran longer ago than this is not waited for: it is
+# idle (a user reading), not in the middle of generating.
+ACTIVE_GAP = 1.0
 
 
 class Priority(enum.IntEnum):
@@ -72,6 +78,8 @@ class _Job:
     batch_key: Hashable | None = field(compare=False, default=None)
     item: Any = field(compare=False, default=None)
     rows: int = field(compare=False, default=1)
+    member: Hashable | None = field(compare=False, default=None)  # who submitted it (a session)
+    queued_at: float = field(compare=False, default=0.0)
 
 
 class RuntimeStopped(RuntimeError):
@@ -87,9 +95,11 @@ class ComputeRuntime:
     """
 
     def __init__(self, name: str = "compute", threads: int | None = None, light_threads: int | None = None,
-                 max_rows: int = 64) -> None:
+                 max_rows: int = 64, join_wait: float = 0.0) -> None:
         self.threads, self.light_threads = threads, light_threads  # None: torch's setting as it is
         self.max_rows = max_rows  # rows (sequences) one merged run may hold
+        self.join_wait = join_wait  # s a joinable job may wait for the other active members of its key
+        self._active: dict[Hashable, dict[Hashable, float]] = {}  # key -> member -> when its last job ran
         self._heap: list[_Job] = []
         self._ready = threading.Condition()
         self._seq = itertools.count()
@@ -105,12 +115,22 @@ class ComputeRuntime:
         return await self._submit(_Job(int(priority), next(self._seq), fn, args, kwargs, light))
 
     async def run_together(self, priority: Priority, key: Hashable, fn: Callable[[list], Sequence], item: Any,
-                           rows: int = 1, light: bool = False) -> Any:
+                           rows: int = 1, light: bool = False, member: Hashable | None = None) -> Any:
         """`fn([item, ...])[i]` for this item, run in one call with the other items of `key`
         waiting when the worker takes it (up to `max_rows` rows in all). `fn` returns one
-        result per item, in order; an item whose result is an exception gets it raised."""
+        result per item, in order; an item whose result is an exception gets it raised.
+
+        `member` names who submits (a session): while other members of the key are active
+        (their last job ran less than ACTIVE_GAP s ago), the worker waits up to `join_wait` s
+        from this job's arrival for their next jobs, so that they run together. A lone member
+        never waits; `forget` it when it leaves."""
         return await self._submit(_Job(int(priority), next(self._seq), fn, light=light, batch_key=key, item=item,
-                                       rows=rows))
+                                       rows=rows, member=member, queued_at=time.monotonic()))
+
+    def forget(self, key: Hashable, member: Hashable) -> None:
+        """`member` submits no more jobs of `key`: nobody waits for it."""
+        with self._ready:
+            self._active.get(key, {}).pop(member, None)
 
     async def _submit(self, job: _Job):
         if self._stopped:
@@ -176,6 +196,8 @@ class ComputeRuntime:
             first = heapq.heappop(self._heap)
             if first.batch_key is None:
                 return [first]
+            if below is None and self.join_wait > 0:
+                self._wait_for_members(first)
             jobs, rows, rest = [first], first.rows, []
             for job in sorted(self._heap):  # arrival order within a priority
                 if (job.batch_key == first.batch_key and job.priority == first.priority
@@ -187,7 +209,23 @@ class ComputeRuntime:
             if len(jobs) > 1:
                 self._heap = rest
                 heapq.heapify(self._heap)
+            now = time.monotonic()
+            active = self._active.setdefault(first.batch_key, {})
+            active.update((job.member, now) for job in jobs if job.member is not None)
             return jobs
+
+    def _wait_for_members(self, first: _Job) -> None:
+        """With the lock held: waits (up to `join_wait` s after `first` arrived) while members
+        of its key that were active lately have no job queued yet. Jobs of a higher priority
+        than `first` do not exist (it was the first), so nothing more urgent is held back."""
+        deadline = first.queued_at + self.join_wait
+        while (now := time.monotonic()) < deadline:
+            active = self._active.get(first.batch_key, {})
+            queued = {job.member for job in self._heap if job.batch_key == first.batch_key} | {first.member}
+            expected = [m for m, last in active.items() if now - last < ACTIVE_GAP and m not in queued]
+            if not expected:
+                return
+            self._ready.wait(deadline - now)
 
     def _work(self) -> None:
         torch = self._torch()

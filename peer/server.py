@@ -73,7 +73,8 @@ async def _serve(config: PeerConfig, checkpoint: Checkpoint, dht, on_ready: Call
     model = ModelRecord(model_name=checkpoint.name, num_blocks=family.num_blocks, config_fingerprint=fingerprint,
                         version=swarm.__version__)
 
-    runtime = ComputeRuntime(threads=config.threads, light_threads=config.decode_threads)
+    runtime = ComputeRuntime(threads=config.threads, light_threads=config.decode_threads,
+                             join_wait=config.join_wait_ms / 1000)
     switch = SpanSwitch()
     max_bytes = config.limits.max_message_bytes
     server = grpc.aio.server(options=[

@@ -102,6 +102,7 @@ class InferenceSessions:
             await refuse(context, e, "Inference")
         finally:
             self._sessions.discard(session)
+            self.runtime.forget(self.compute, session)  # its steps are not waited for any more
             if session.reading is not None:  # ends with the call; nobody wants its result
                 session.reading.add_done_callback(_discard_result)
             self._close_inbox(session)
@@ -151,7 +152,7 @@ class InferenceSessions:
             step = await decode(len(request.step.hidden_states.data), self.decoder.inference_step,
                                 request.step, opened)
             decoded = time.perf_counter()
-            hidden, session.compute_s, session.encode_s = await self._compute(state, step, session.response_codec)
+            hidden, session.compute_s, session.encode_s = await self._compute(session, step)
             computed = time.perf_counter()
             session.steps += 1
             session.tokens_received += step.hidden_states.shape[1]
@@ -176,14 +177,15 @@ class InferenceSessions:
                              1e3 * session.compute_s, 1e3 * session.encode_s, 1e3 * (time.perf_counter() - computed),
                              received)
 
-    async def _compute(self, state: InferenceState, step: InferenceStep, codec: str):
+    async def _compute(self, session: InferenceSession, step: InferenceStep):
         """The step on the compute thread: a decode step of a session that may join others
         runs in one forward pass with the joinable steps waiting then (peer/runtime.py)."""
+        state, codec = session.state, session.response_codec
         decoding = step.hidden_states.shape[1] == 1
         if decoding and state.joinable:
             rows = step.hidden_states.shape[0]
             return await self.runtime.run_together(Priority.INFERENCE, self.compute, self.compute.inference_steps,
-                                                   (state, step, codec), rows=rows, light=True)
+                                                   (state, step, codec), rows=rows, light=True, member=session)
         return await self.runtime.run(Priority.INFERENCE, self.compute.inference_step, state, step, codec,
                                       light=decoding)
 
