@@ -406,6 +406,25 @@ def test_session_over_budget_is_resource_exhausted(peer):
         small.close()
 
 
+def test_sixteen_sessions_of_512_fit_a_default_peer_and_the_17th_is_refused(span):
+    from peer.config import PeerConfig
+
+    peer = InProcessPeer(span, cache_tokens=PeerConfig(model="x").cache_tokens,
+                         limits=PeerLimits(max_batch_size=4, max_seq_length=512))
+    streams = [SessionStream(peer.stub) for _ in range(17)]
+    try:
+        for i, stream in enumerate(streams[:16]):
+            assert stream.send(open_request(MODEL_ID, START, END, max_length=512, session_id=f"s{i}")).step_id == 0
+        assert info(peer).cache_tokens_free == 0
+        error = rpc_error(streams[16].send, open_request(MODEL_ID, START, END, max_length=512, session_id="s16"))
+        assert error.code() == Code.RESOURCE_EXHAUSTED
+        assert "needs 512 cache tokens (batch 1 x max_length 512) but this peer has 0 of 8192 free" in error.details()
+    finally:
+        for stream in streams:
+            stream.__exit__()
+        peer.close()
+
+
 def test_prefix_tokens_count_against_the_cache_budget(peer, span):
     """A prefix-tuning session holds its virtual tokens' keys/values beside the prompt's."""
     method = PrefixTuning(num_virtual_tokens=8)
