@@ -49,11 +49,11 @@ def _client(index: int, peers: list[str], tokens: int, barrier, results) -> None
     ids = model.tokenizer(PROMPTS[index % len(PROMPTS)], return_tensors="pt")["input_ids"]
     model.generate(ids, max_new_tokens=2, do_sample=False)  # routes found, channels open
     barrier.wait()
-    streamer, started = FirstToken(), time.time()
+    streamer, started, cpu = FirstToken(), time.time(), time.process_time()
     out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=streamer)
     finished = time.time()
     results.put({"client": index, "start": started, "end": finished, "first": streamer.first,
-                 "ids": out[0, ids.shape[1]:].tolist()})
+                 "cpu_s": time.process_time() - cpu, "ids": out[0, ids.shape[1]:].tolist()})
     model.swarm.shutdown()
 
 
@@ -75,6 +75,8 @@ def run_clients(count: int, peers: list[str], tokens: int, timeout: float) -> tu
         if proc.is_alive():
             proc.kill()
     row = {"clients": count, "finished": len(got)}
+    if got:
+        row["client_cpu_ms_per_token"] = round(1e3 * statistics.median(r["cpu_s"] for r in got) / tokens, 1)
     if got:
         wall = max(r["end"] for r in got) - min(r["start"] for r in got)
         rates = [tokens / (r["end"] - r["start"]) for r in got]
@@ -99,6 +101,18 @@ def step_batches(endpoints: list[str]) -> list[dict[int, int]]:
             info = swarm_pb2_grpc.BlockServiceStub(channel).Info(swarm_pb2.InfoRequest(), timeout=10)
         counts.append(dict(info.step_batches))
     return counts
+
+
+def peer_cpu(procs) -> list[float]:
+    """CPU seconds each peer process (and its children, e.g. its DHT process) used so far."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    seconds = []
+    for proc in procs:
+        fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        seconds.append(sum(int(v) for v in fields[11:15]) / tick)  # utime, stime, cutime, cstime
+    return seconds
 
 
 def batches_between(before: list[dict[int, int]], after: list[dict[int, int]]) -> dict:
@@ -146,9 +160,10 @@ def main() -> None:
     rows, alone = [], {}
     with LocalSwarm(["0:10", "10:20", "20:30"], DEFAULT_MODEL, extra_peer_args=args.peer_args.split()) as swarm:
         for count in counts:
-            before = step_batches(swarm.endpoints)
+            before, cpu = step_batches(swarm.endpoints), peer_cpu(swarm.peer_procs)
             row, ids = run_clients(count, swarm.initial_peers, args.tokens, args.timeout)
             row["peer_batches"] = batches_between(before, step_batches(swarm.endpoints))
+            row["peer_cpu_s"] = [round(b - a, 2) for a, b in zip(cpu, peer_cpu(swarm.peer_procs))]
             for client, tokens in ids.items():
                 alone.setdefault(client % len(PROMPTS), tokens)  # the first run of each prompt is the reference
             row["tokens_as_alone"] = all(tokens == alone[client % len(PROMPTS)] for client, tokens in ids.items())

@@ -38,7 +38,7 @@ class PeerConfig:
     decode_threads: int | None = None  # for decode steps (one token per sequence); None: as `threads`
     # Ms a decode step may wait for the steps of the other sessions generating here, to run with
     # them in one forward pass (peer/runtime.py); a lone session never waits. 0: never wait.
-    join_wait_ms: float = 50.0
+    join_wait_ms: float = 100.0
     backward_memory_mb: int = 1024  # activations kept from Forward for its Backward (peer/kept_graphs.py)
     announce_period: float = 10.0
     # --num-blocks: the peer chooses where to serve this many blocks (start/end ignored). Not the
