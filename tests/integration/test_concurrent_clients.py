@@ -47,18 +47,27 @@ def random_adapter(swarm, mode, folder) -> None:
     model.swarm.shutdown()
 
 
-def expected_tokens(weights, adapters: dict, prompt: str, tokens: int, adapter: str | None) -> list[int]:
+def expected_tokens(weights, adapters: dict) -> list[list[int]]:
+    """Every client's tokens from local transformers (PEFT around it for the adapters), one base
+    model for all."""
     tokenizer = AutoTokenizer.from_pretrained(weights)
-    inputs = tokenizer(prompt, return_tensors="pt")
-    model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval()
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapters[adapter]).eval()
-    with torch.no_grad():
-        if adapter == "prefix":  # PEFT's own generate drops its prefix on transformers 5.24 (tests/reference.py)
-            out = greedy_without_cache(model, inputs["input_ids"], inputs["attention_mask"], new_tokens=tokens)
-        else:
-            out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    base = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval()
+    expected = {}
+    for adapter in (None, "lora", "prefix"):
+        model = base if adapter is None else PeftModel.from_pretrained(base, adapters[adapter]).eval()
+        for i, (prompt, tokens, wanted) in enumerate(CLIENTS):
+            if wanted != adapter:
+                continue
+            inputs = tokenizer(prompt, return_tensors="pt")
+            with torch.no_grad():
+                if adapter == "prefix":  # PEFT's own generate drops its prefix on transformers 5.24 (tests/reference.py)
+                    out = greedy_without_cache(model, inputs["input_ids"], inputs["attention_mask"], tokens)
+                else:
+                    out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            expected[i] = out[0, inputs["input_ids"].shape[1]:].tolist()
+        if adapter == "lora":
+            base = model.unload()  # the base model as it was, for the prefix (last: PEFT cannot unload it)
+    return [expected[i] for i in range(len(CLIENTS))]
 
 
 def step_batches(swarm) -> list[dict[int, int]]:
@@ -85,7 +94,7 @@ def test_eight_clients_at_once_get_their_own_tokens_and_share_passes(swarm, tmp_
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:  # while the clients start
-            expected = [expected_tokens(weights, adapters, *client) for client in CLIENTS]
+            expected = expected_tokens(weights, adapters)
         finally:
             torch.set_num_threads(threads)
         for proc in procs:
