@@ -17,7 +17,10 @@ job of the same batch key, and hands them to one function. A lone client's step 
 moment the worker is free. While other sessions are generating too, a step may wait up to
 `join_wait` (from its arrival) for theirs: their clients are mid-round (sampling a token,
 or on the wire), and running each step as it trickles in would read every weight once per
-session instead of once per round. Sessions idle for ACTIVE_GAP are not waited for.
+session instead of once per round. Waiting pulls sessions into step, so it is paid about
+once. Only sessions whose last step ran with others' are waited for (steps that queue up
+while the worker is busy start that); not those idle for ACTIVE_GAP, nor one whose last step
+ran alone: it may be blocked behind the very step that would wait for it.
 
 A long training call does not hold the worker for its whole length: it calls `make_way()`
 between pieces of its work (per block), which runs the inference jobs waiting by then, on
@@ -82,6 +85,17 @@ class _Job:
     queued_at: float = field(compare=False, default=0.0)
 
 
+@dataclass(frozen=True)
+class _Member:
+    """A submitter of jobs of one batch key, as the worker last saw it."""
+
+    last: float  # when its last job ran (time.monotonic)
+    # Whether that job ran with others'. Only such members are waited for: one that always runs
+    # alone may be blocked behind the very job that would wait for it (one client stepping two
+    # sessions in turn), and waiting for it would cost every step the whole wait.
+    together: bool
+
+
 class RuntimeStopped(RuntimeError):
     """Work was submitted after `ComputeRuntime.shutdown`."""
 
@@ -99,7 +113,7 @@ class ComputeRuntime:
         self.threads, self.light_threads = threads, light_threads  # None: torch's setting as it is
         self.max_rows = max_rows  # rows (sequences) one merged run may hold
         self.join_wait = join_wait  # s a joinable job may wait for the other active members of its key
-        self._active: dict[Hashable, dict[Hashable, float]] = {}  # key -> member -> when its last job ran
+        self._active: dict[Hashable, dict[Hashable, _Member]] = {}  # batch key -> member -> what it did last
         self._heap: list[_Job] = []
         self._ready = threading.Condition()
         self._seq = itertools.count()
@@ -121,9 +135,9 @@ class ComputeRuntime:
         result per item, in order; an item whose result is an exception gets it raised.
 
         `member` names who submits (a session): while other members of the key are active
-        (their last job ran less than ACTIVE_GAP s ago), the worker waits up to `join_wait` s
-        from this job's arrival for their next jobs, so that they run together. A lone member
-        never waits; `forget` it when it leaves."""
+        (their last job ran with others', less than ACTIVE_GAP s ago), the worker waits up to
+        `join_wait` s from this job's arrival for their next jobs, so that they run together.
+        A lone member never waits; `forget` it when it leaves."""
         return await self._submit(_Job(int(priority), next(self._seq), fn, light=light, batch_key=key, item=item,
                                        rows=rows, member=member, queued_at=time.monotonic()))
 
@@ -209,9 +223,9 @@ class ComputeRuntime:
             if len(jobs) > 1:
                 self._heap = rest
                 heapq.heapify(self._heap)
-            now = time.monotonic()
+            now, together = time.monotonic(), len(jobs) > 1
             active = self._active.setdefault(first.batch_key, {})
-            active.update((job.member, now) for job in jobs if job.member is not None)
+            active.update((job.member, _Member(now, together)) for job in jobs if job.member is not None)
             return jobs
 
     def _wait_for_members(self, first: _Job) -> None:
@@ -222,7 +236,8 @@ class ComputeRuntime:
         while (now := time.monotonic()) < deadline:
             active = self._active.get(first.batch_key, {})
             queued = {job.member for job in self._heap if job.batch_key == first.batch_key} | {first.member}
-            expected = [m for m, last in active.items() if now - last < ACTIVE_GAP and m not in queued]
+            expected = [m for m, seen in active.items()
+                        if seen.together and now - seen.last < ACTIVE_GAP and m not in queued]
             if not expected:
                 return
             self._ready.wait(deadline - now)

@@ -169,3 +169,107 @@ def test_light_jobs_run_on_their_own_thread_count():
     finally:
         runtime.shutdown()
         torch.set_num_threads(before)
+
+
+# --- jobs that run together -----------------------------------------------------------------
+
+
+def batches_of(runs: list[list]):
+    """A batch function recording each call's items; every item's result is itself doubled."""
+    def fn(items: list) -> list:
+        runs.append(list(items))
+        return [item * 2 for item in items]
+    return fn
+
+
+def test_jobs_of_one_key_waiting_together_run_in_one_call(runtime):
+    runs: list[list] = []
+    gate = threading.Event()
+
+    async def main():
+        blocker = await occupy_worker(runtime, gate)
+        fn = batches_of(runs)
+        tasks = [asyncio.create_task(runtime.run_together(Priority.INFERENCE, "span", fn, i)) for i in range(3)]
+        other = asyncio.create_task(runtime.run_together(Priority.INFERENCE, "other span", fn, 10))
+        await _wait_until(lambda: runtime.pending == 4)
+        gate.set()
+        return await asyncio.gather(*tasks, other), blocker
+
+    results, _ = asyncio.run(main())
+    assert results == [0, 2, 4, 20]
+    assert sorted(runs, key=len) == [[10], [0, 1, 2]]
+
+
+def test_an_item_error_reaches_only_its_caller(runtime):
+    gate = threading.Event()
+
+    def fn(items):
+        return [ValueError(f"bad {item}") if item == "bad" else item for item in items]
+
+    async def main():
+        blocker = await occupy_worker(runtime, gate)
+        good = asyncio.create_task(runtime.run_together(Priority.INFERENCE, "k", fn, "good"))
+        bad = asyncio.create_task(runtime.run_together(Priority.INFERENCE, "k", fn, "bad"))
+        await _wait_until(lambda: runtime.pending == 2)
+        gate.set()
+        await blocker
+        return await asyncio.gather(good, bad, return_exceptions=True)
+
+    good, bad = asyncio.run(main())
+    assert good == "good" and isinstance(bad, ValueError) and str(bad) == "bad bad"
+
+
+def test_members_that_ran_together_wait_for_each_other_and_a_lone_one_never_waits():
+    runtime = ComputeRuntime(join_wait=0.5)
+    runs: list[list] = []
+    fn = batches_of(runs)
+    gate = threading.Event()
+
+    async def step(member: str, item: int) -> float:
+        started = time.monotonic()
+        await runtime.run_together(Priority.INFERENCE, "span", fn, item, member=member)
+        return time.monotonic() - started
+
+    async def main():
+        alone = await step("a", 1)  # nobody else: no wait
+        blocker = await occupy_worker(runtime, gate)
+        first = [asyncio.create_task(step(m, i)) for m, i in (("a", 2), ("b", 3))]
+        await _wait_until(lambda: runtime.pending == 2)
+        gate.set()
+        await asyncio.gather(blocker, *first)  # a and b ran together: now they wait for each other
+        a = asyncio.create_task(step("a", 4))
+        await asyncio.sleep(0.1)  # b's step comes 0.1 s later, within a's wait
+        b = await step("b", 5)
+        waited = await a
+        runtime.forget("span", "b")  # b is gone: a runs at once again
+        after_forget = await step("a", 6)
+        return alone, waited, b, after_forget
+
+    try:
+        alone, waited, b, after_forget = asyncio.run(main())
+    finally:
+        runtime.shutdown()
+    assert runs == [[1], [2, 3], [4, 5], [6]]
+    assert alone < 0.25 and after_forget < 0.25
+    assert 0.09 < waited < 0.45
+
+
+def test_members_that_never_ran_together_are_not_waited_for():
+    """One client stepping two sessions in turn: each waits behind the other, so waiting for
+    the other would cost every step the whole join wait."""
+    runtime = ComputeRuntime(join_wait=0.5)
+    fn = batches_of([])
+
+    async def main():
+        took = []
+        for i in range(4):
+            started = time.monotonic()
+            await runtime.run_together(Priority.INFERENCE, "span", fn, i, member="ab"[i % 2])
+            took.append(time.monotonic() - started)
+        return took
+
+    try:
+        took = asyncio.run(main())
+    finally:
+        runtime.shutdown()
+    assert max(took) < 0.25, took
