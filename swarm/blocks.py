@@ -3,6 +3,11 @@ or kept for later as a `swarm.span_graph.SpanGraph`), and incremental inference 
 cache owned by the span (`InferenceState`). What a call takes, and its checks, are in
 swarm/span_inputs.py.
 
+A stateless call runs the blocks one at a time (masks and rotary built once), each with only
+its own adapters attached and, for a kept graph, its own autograd segment; a caller may run
+other work between two blocks (`between_blocks`: a peer's waiting decode steps) and finds
+nothing of the call attached to the layers there.
+
 The same code serves a peer and the local reference in tests: a span is the library's own
 decoder layers, driven exactly as the family's model forward drives them, so outputs are
 those of transformers up to floating-point reordering.

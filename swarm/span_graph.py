@@ -1,5 +1,6 @@
-"""A span's forward pass kept with its autograd graph (`SpanGraph`), the gradients a backward
-pass through it returns (`SpanGrads`), and the count of the memory such a graph holds.
+"""A span's forward pass kept with its autograd graph (`SpanGraph`, one segment per block,
+backward block by block), the gradients a backward pass through it returns (`SpanGrads`), and
+the count of the memory such a graph holds.
 """
 
 from __future__ import annotations
