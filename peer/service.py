@@ -58,7 +58,7 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
         self.kept = KeptGraphs(DEFAULT_BACKWARD_MEMORY) if kept is None else kept
         self.limits, self.session_timeout = limits, session_timeout
         self.decoder = RequestDecoder(span, served.model_id, limits)
-        self.compute = SpanCompute(span, self.kept)
+        self.compute = SpanCompute(span, self.kept, runtime.make_way)
         self.pushes = PushRouter()
         self.sessions = InferenceSessions(span, self.decoder, self.compute, runtime, budget, self.pushes,
                                           session_timeout)
@@ -100,6 +100,7 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
             capabilities=[PUSH_CAPABILITY], pushes_sent=self.pushes.sent, pushes_received=self.pushes.received,
             backwards_kept=compute.backwards_kept, backwards_recomputed=compute.backwards_recomputed,
             kept_graph_bytes=self.kept.nbytes, step_batches=dict(compute.step_batches),
+            training_pieces=compute.training_pieces,
         )
 
     # --- inference sessions (peer/sessions.py) -----------------------------------------------

@@ -3,6 +3,11 @@ or kept for later as a `swarm.span_graph.SpanGraph`), and incremental inference 
 cache owned by the span (`InferenceState`). What a call takes, and its checks, are in
 swarm/span_inputs.py.
 
+A stateless call runs the blocks one at a time (masks and rotary built once), each with only
+its own adapters attached and, for a kept graph, its own autograd segment; a caller may run
+other work between two blocks (`between_blocks`: a peer's waiting decode steps) and finds
+nothing of the call attached to the layers there.
+
 The same code serves a peer and the local reference in tests: a span is the library's own
 decoder layers, driven exactly as the family's model forward drives them, so outputs are
 those of transformers up to floating-point reordering.
@@ -10,7 +15,9 @@ those of transformers up to floating-point reordering.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -22,11 +29,16 @@ from .span_graph import SavedBytes, SpanGraph, SpanGrads
 from .span_inputs import (SpanInputError, SpanInputs, check_deep_prompts, check_grad_outputs, check_hidden,
                           check_hypo_ids, check_mask, check_positions)
 from .step_batch import InferenceState, PreparedStep, StepArgs, StepsRun, run_steps
-from .tuning import AdapterSet, AppliedAdapters, adapters_applied
+from .tuning import AdapterSet, AppliedAdapters, adapters_applied, check_adapters
 
 # Homes of their own since the split; still importable from here.
-__all__ = ["BlockSpan", "InferenceState", "PreparedStep", "SpanGraph", "SpanGrads", "SpanInputError", "SpanInputs",
+__all__ = ["BetweenBlocks", "BlockSpan", "InferenceState", "PreparedStep", "SpanGraph", "SpanGrads", "SpanInputError",
+           "SpanInputs",
            "default_position_ids"]
+
+# Called between two blocks of a stateless call (forward, backward) with nothing of the call
+# attached to the layers; a peer lets waiting inference steps run there.
+BetweenBlocks = Callable[[], object]
 
 
 def default_position_ids(attention_mask: torch.Tensor | None, past: int, new: int, batch: int,
@@ -47,6 +59,17 @@ def _behind_prefix(prefix_length: int, attention_mask: torch.Tensor | None,
         ones = attention_mask.new_ones(attention_mask.shape[0], prefix_length)
         attention_mask = torch.cat([ones, attention_mask], dim=1)
     return attention_mask, position_ids + prefix_length
+
+
+@contextlib.contextmanager
+def _recording(saved: SavedBytes | None) -> Iterator[None]:
+    """Autograd on, counting what it saves into `saved`, for one block of a kept graph; nothing
+    when there is no graph to keep (the caller's grad mode holds)."""
+    if saved is None:
+        yield
+        return
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        yield
 
 
 class BlockSpan(nn.Module):
@@ -76,41 +99,38 @@ class BlockSpan(nn.Module):
 
     # --- stateless ----------------------------------------------------------------------------
 
-    def forward(self, inputs: SpanInputs | torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: SpanInputs | torch.Tensor, between_blocks: BetweenBlocks | None = None) -> torch.Tensor:
         """Hidden states through all blocks of the span, no cache; `span(hidden_states)` works
-        like a torch layer, `span(SpanInputs(...))` adds a mask, positions and client tensors."""
+        like a torch layer (autograd records it in the caller's grad mode), `span(SpanInputs(...))`
+        adds a mask, positions and client tensors.
+
+        `between_blocks`, if given, is called between two blocks: a peer runs waiting inference
+        steps there, so a long call does not hold its compute thread. The call's adapters are
+        applied one block at a time, so none of them is attached to the layers when it runs."""
         if isinstance(inputs, torch.Tensor):
             inputs = SpanInputs(inputs)
-        inputs = inputs.checked(self)
-        hidden_states, attention_mask, position_ids = inputs.hidden_states, inputs.attention_mask, inputs.position_ids
-        batch, seq = hidden_states.shape[:2]
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, 0, seq, batch, hidden_states.device)
-        before_block = self._deep_prompt_adder(inputs.deep_prompts, past=0, new=seq)
-        with adapters_applied(self.layers, self.start, inputs.adapters) as applied:
-            cache = None
-            if applied.prefix_length:
-                # A cache of this call only, holding the prefix; it stays connected to the
-                # prefix tensors, so Backward gets their gradients.
-                cache = self.family.new_cache(self.span_config)
-                self._prefill(cache, applied, batch)
-                attention_mask, position_ids = _behind_prefix(applied.prefix_length, attention_mask, position_ids)
-            return self.family.run_layers(
-                self.layers, self.rotary, self.span_config, self.start, hidden_states,
-                attention_mask, position_ids, cache=cache, before_block=before_block,
-            )
+        return self._run_blocks(inputs.checked(self), between_blocks)
 
-    def backward(self, inputs: SpanInputs, grad_outputs: torch.Tensor) -> SpanGrads:
+    def backward(self, inputs: SpanInputs, grad_outputs: torch.Tensor,
+                 between_blocks: BetweenBlocks | None = None) -> SpanGrads:
         """Recomputes the forward pass with autograd and returns the gradients of
-        ``(outputs * grad_outputs).sum()``; the blocks' own weights get no gradient."""
+        ``(outputs * grad_outputs).sum()``; the blocks' own weights get no gradient.
+        `between_blocks` as for `forward`, in both passes."""
         inputs = inputs.checked(self)
         check_grad_outputs(grad_outputs, inputs.hidden_states)
-        _, graph = self.forward_with_graph(inputs)
-        return graph.backward(grad_outputs)
+        _, graph = self.forward_with_graph(inputs, between_blocks)
+        if between_blocks is not None:
+            between_blocks()
+        return graph.backward(grad_outputs, between_blocks)
 
-    def forward_with_graph(self, inputs: SpanInputs) -> tuple[torch.Tensor, SpanGraph]:
+    def forward_with_graph(self, inputs: SpanInputs,
+                           between_blocks: BetweenBlocks | None = None) -> tuple[torch.Tensor, SpanGraph]:
         """`forward`, keeping what autograd saved so `SpanGraph.backward` needs no recomputation:
-        a training step then costs forward + backward instead of forward + forward + backward."""
+        a training step then costs forward + backward instead of forward + forward + backward.
+
+        The graph is kept per block, each block's input a leaf of its own, so its backward too
+        runs block by block; each block opens and closes its own autograd contexts (grad mode,
+        the saved-bytes count), so `between_blocks` runs outside all of them."""
         inputs = inputs.checked(self)
         prompts = inputs.deep_prompts
         leaves = inputs.with_tensors(
@@ -120,9 +140,48 @@ class BlockSpan(nn.Module):
                       for a in inputs.adapters],
         )
         saved = SavedBytes(self._weight_storages())
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-            outputs = self.forward(leaves)
-        return outputs.detach(), SpanGraph(outputs, leaves, saved.nbytes)
+        segments: list[tuple[torch.Tensor, torch.Tensor]] = []
+        outputs = self._run_blocks(leaves, between_blocks, saved, segments)
+        return outputs.detach(), SpanGraph(segments, leaves, saved.nbytes)
+
+    def _run_blocks(self, inputs: SpanInputs, between_blocks: BetweenBlocks | None, saved: SavedBytes | None = None,
+                    segments: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """The blocks one at a time, as `family.run_layers` runs them (masks and rotary built
+        once), each with only its own adapters attached. With `saved` (a graph being kept),
+        each block runs under autograd from its input detached as a leaf, and (input, output)
+        is appended to `segments`."""
+        hidden_states, attention_mask, position_ids = inputs.hidden_states, inputs.attention_mask, inputs.position_ids
+        batch, seq = hidden_states.shape[:2]
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, 0, seq, batch, hidden_states.device)
+        before_block = self._deep_prompt_adder(inputs.deep_prompts, past=0, new=seq)
+        check_adapters(self.layers, self.start, inputs.adapters)
+        cache = None
+        with_prefix = [a for a in inputs.adapters if a.method.prefix_length]
+        if with_prefix:
+            # A cache of this call only, holding the prefix; it stays connected to the
+            # prefix tensors, so Backward gets their gradients.
+            cache = self.family.new_cache(self.span_config)
+            with _recording(saved), adapters_applied(self.layers, self.start, with_prefix, checked=True) as applied:
+                self._prefill(cache, applied, batch)
+            attention_mask, position_ids = _behind_prefix(applied.prefix_length, attention_mask, position_ids)
+        arguments = self.family.layer_arguments(self.rotary, self.span_config, hidden_states, attention_mask,
+                                                position_ids, cache)
+        for i, layer in enumerate(self.layers):
+            if i and between_blocks is not None:
+                between_blocks()
+            if segments is not None and i:
+                hidden_states = hidden_states.detach().requires_grad_(True)
+            entering = hidden_states
+            block = self.start + i
+            with _recording(saved), adapters_applied(self.layers[i:i + 1], block, inputs.adapters, checked=True):
+                if before_block is not None:
+                    hidden_states = before_block(block, hidden_states)
+                hidden_states = self.family.run_layer(layer, hidden_states, arguments[i])
+            if segments is not None:
+                saved.pack(hidden_states)  # the graph holds each block's output: counted (once)
+                segments.append((entering, hidden_states))
+        return hidden_states
 
     def _weight_storages(self) -> set[int]:
         tensors = [*self.layers.parameters(), *self.layers.buffers()]

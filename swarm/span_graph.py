@@ -1,10 +1,12 @@
-"""A span's forward pass kept with its autograd graph (`SpanGraph`), the gradients a backward
-pass through it returns (`SpanGrads`), and the count of the memory such a graph holds.
+"""A span's forward pass kept with its autograd graph (`SpanGraph`, one segment per block,
+backward block by block), the gradients a backward pass through it returns (`SpanGrads`), and
+the count of the memory such a graph holds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -22,10 +24,17 @@ class SpanGrads:
 
 
 class SpanGraph:
-    """A span's forward pass with its autograd graph, waiting for the gradient of its output."""
+    """A span's forward pass with its autograd graph, waiting for the gradient of its output.
 
-    def __init__(self, outputs: torch.Tensor, leaves: SpanInputs, nbytes: int) -> None:
-        self.outputs, self.inputs, self.prompts = outputs, leaves.hidden_states, leaves.deep_prompts
+    The graph is kept in segments, one per block, from the block's input (a leaf of its own)
+    to its output, so Backward runs block by block in reverse, letting inference run between
+    blocks (`between_blocks`) with no autograd work of this call in progress. Client tensors
+    are leaves shared by the segments (deep prompts feed every block, an adapter's tensors
+    theirs); their gradients are summed over the segments."""
+
+    def __init__(self, segments: list[tuple[torch.Tensor, torch.Tensor]], leaves: SpanInputs, nbytes: int) -> None:
+        self.segments: list[tuple[torch.Tensor, torch.Tensor]] | None = segments  # (input leaf, output) per block
+        self.inputs, self.prompts = leaves.hidden_states, leaves.deep_prompts
         self.adapters = [a.tensors for a in leaves.adapters]
         self.nbytes = nbytes  # what autograd saved for backward: the memory this graph holds
 
@@ -42,24 +51,35 @@ class SpanGraph:
         return all(kept.keys() == sent.tensors.keys() and all(_same_tensor(kept[k], sent.tensors[k]) for k in kept)
                    for kept, sent in zip(self.adapters, inputs.adapters))
 
-    def backward(self, grad_outputs: torch.Tensor) -> SpanGrads:
-        """Gradients of ``(outputs * grad_outputs).sum()``; frees the graph (one use only)."""
-        if self.outputs is None:
+    def backward(self, grad_outputs: torch.Tensor, between_blocks: Callable[[], object] | None = None) -> SpanGrads:
+        """Gradients of ``(outputs * grad_outputs).sum()``; frees the graph (one use only), each
+        block's part as soon as it is done. `between_blocks`, if given, is called between two
+        blocks."""
+        if self.segments is None:
             raise RuntimeError("this forward's graph was already used by a Backward")
-        if grad_outputs.shape != self.outputs.shape:
+        outputs = self.segments[-1][1]
+        if grad_outputs.shape != outputs.shape:
             raise SpanInputError(f"grad_outputs shape {tuple(grad_outputs.shape)} must equal the forward's "
-                                 f"output shape {tuple(self.outputs.shape)}")
-        leaves = [self.inputs] + ([self.prompts] if self.prompts is not None else [])
-        leaves += [t for tensors in self.adapters for t in tensors.values()]
-        with torch.enable_grad():
-            grads = torch.autograd.grad(self.outputs, leaves, grad_outputs=grad_outputs.to(self.outputs.dtype),
-                                        allow_unused=True)
-        grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
-        self.outputs = None  # the graph is spent; drop the saved activations now
-        result = SpanGrads(hidden_states=grads.pop(0))
+                                 f"output shape {tuple(outputs.shape)}")
+        shared = ([self.prompts] if self.prompts is not None else [])
+        shared += [t for tensors in self.adapters for t in tensors.values()]
+        sums: list[torch.Tensor | None] = [None] * len(shared)
+        segments, self.segments = self.segments, None
+        grad = grad_outputs.to(outputs.dtype)
+        del outputs
+        while segments:
+            entering, outputs = segments.pop()
+            with torch.enable_grad():
+                grad, *grads = torch.autograd.grad(outputs, [entering, *shared], grad_outputs=grad, allow_unused=True)
+            sums = [s if g is None else g if s is None else s + g for s, g in zip(sums, grads)]
+            del entering, outputs, grads  # this block's activations go now
+            if segments and between_blocks is not None:
+                between_blocks()
+        sums = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(shared, sums)]
+        result = SpanGrads(hidden_states=grad)
         if self.prompts is not None:
-            result.deep_prompts = grads.pop(0)
-        result.adapters = [{name: grads.pop(0) for name in tensors} for tensors in self.adapters]
+            result.deep_prompts = sums.pop(0)
+        result.adapters = [{name: sums.pop(0) for name in tensors} for tensors in self.adapters]
         return result
 
 

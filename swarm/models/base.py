@@ -226,9 +226,15 @@ class ModelFamily:
         for i, layer in enumerate(layers):
             if before_block is not None:
                 hidden_states = before_block(start + i, hidden_states)
-            output = layer(hidden_states, **arguments[i])
-            hidden_states = output[0] if isinstance(output, tuple) else output  # older layouts return a tuple
+            hidden_states = self.run_layer(layer, hidden_states, arguments[i])
         return hidden_states
+
+    @staticmethod
+    def run_layer(layer: nn.Module, hidden_states: torch.Tensor, arguments: dict) -> torch.Tensor:
+        """One layer of `run_layers`, with its `layer_arguments` entry; a caller that runs the
+        blocks one at a time (a training call, letting inference in between) calls this."""
+        output = layer(hidden_states, **arguments)
+        return output[0] if isinstance(output, tuple) else output  # older layouts return a tuple
 
     def layer_arguments(self, rotary: nn.Module, span_config: PretrainedConfig, hidden_states: torch.Tensor,
                         attention_mask: torch.Tensor | None, position_ids: torch.Tensor,

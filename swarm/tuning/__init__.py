@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from .base import AdapterError, AdapterMethod, AdapterSet, AppliedAdapters, ExportTarget, adapters_applied
+from .base import (AdapterError, AdapterMethod, AdapterSet, AppliedAdapters, ExportTarget, adapters_applied,
+                   check_adapters)
 from .bottleneck import BottleneckAdapter
 from .ia3 import IA3
 from .lora import LoRA
@@ -33,4 +34,5 @@ def method_from_json(name: str, settings_json: str) -> AdapterMethod:
 
 
 __all__ = ["METHODS", "AdapterError", "AdapterMethod", "AdapterSet", "AppliedAdapters", "BottleneckAdapter",
-           "ExportTarget", "IA3", "LoRA", "PrefixTuning", "adapters_applied", "method_from_json"]
+           "ExportTarget", "IA3", "LoRA", "PrefixTuning", "adapters_applied", "check_adapters",
+           "method_from_json"]

@@ -183,34 +183,45 @@ class AppliedAdapters:
     kv_prefixes: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
+def check_adapters(layers: nn.ModuleList, start: int, adapter_sets: list[AdapterSet]) -> None:
+    """Raises AdapterError unless every set's tensors fit the span's blocks [start, start +
+    len(layers)), with at most one set putting keys/values in the cache; attaches nothing."""
+    with_prefix = [a for a in adapter_sets if a.method.prefix_length]
+    if len(with_prefix) > 1:
+        raise AdapterError(f"at most one method may put keys/values in the cache; got "
+                           f"{', '.join(a.method.name for a in with_prefix)}")
+    for adapters in adapter_sets:
+        stray = adapters.blocks() - set(range(start, start + len(layers)))
+        if stray:
+            raise AdapterError(
+                f"{adapters.method.name} tensors name blocks {sorted(stray)} outside the span "
+                f"[{start}, {start + len(layers)})"
+            )
+        for i, layer in enumerate(layers):
+            adapters.method.check_tensors(layer, start + i, adapters.for_block(start + i))
+
+
 @contextlib.contextmanager
 def adapters_applied(layers: nn.ModuleList, start: int, adapter_sets: list[AdapterSet],
                      checked: bool = False) -> Iterator[AppliedAdapters]:
     """Applies the adapters to the span's layers for the duration of one call.
 
     Hooks are per call because one peer serves many clients, each with its own adapters;
-    a peer runs one span computation at a time, so hooks of two calls never overlap.
-    `checked`: the sets were already checked against these layers (an inference session's,
-    at its open), so a decode step does not re-validate every tensor against every block.
+    a peer runs one span computation at a time, so hooks of two calls never overlap (a
+    training call that lets inference run between its blocks applies them one block at a
+    time: `layers[i:i + 1]` from `start + i`, none attached in between).
+    `checked`: the sets were already checked against these layers (`check_adapters`: an
+    inference session's at its open, a training call's once for all its blocks), so a decode
+    step does not re-validate every tensor against every block.
     """
+    if not checked:
+        check_adapters(layers, start, adapter_sets)
     handles = []
     applied = AppliedAdapters()
     try:
-        with_prefix = [a for a in adapter_sets if a.method.prefix_length]
-        if len(with_prefix) > 1:
-            raise AdapterError(f"at most one method may put keys/values in the cache; got "
-                               f"{', '.join(a.method.name for a in with_prefix)}")
         for adapters in adapter_sets:
-            stray = set() if checked else adapters.blocks() - set(range(start, start + len(layers)))
-            if stray:
-                raise AdapterError(
-                    f"{adapters.method.name} tensors name blocks {sorted(stray)} outside the span "
-                    f"[{start}, {start + len(layers)})"
-                )
             for i, layer in enumerate(layers):
                 tensors = adapters.for_block(start + i)
-                if not checked:
-                    adapters.method.check_tensors(layer, start + i, tensors)
                 handles += adapters.method.attach(layer, tensors, start + i)
                 if adapters.method.prefix_length:
                     applied.kv_prefixes.append(adapters.method.kv_prefix(layer, tensors))
