@@ -168,8 +168,9 @@ def plot_concurrency(result: dict, path) -> bool:
         for row in rows:  # a count where some clients never finished has no aggregate: say so where it would be
             if row.get("finished", 0) < row["clients"]:
                 ax.annotate(f"{label}: {row.get('finished', 0)} of {row['clients']} finished", (row["clients"], 0),
-                            color=color, fontsize=7, rotation=90, va="bottom", ha="center", xytext=(0, 4),
+                            color=color, fontsize=8, va="bottom", ha="right", xytext=(-2, 4),
                             textcoords="offset points")
+                ax.plot([row["clients"]], [0], marker="x", color=color, clip_on=False)
     if result.get("one_session_of_8_tok_s"):
         ax.axhline(result["one_session_of_8_tok_s"], linestyle="--", color="gray", label="one session of 8 sequences")
     ax.set_xscale("log", base=2)
