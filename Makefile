@@ -81,7 +81,8 @@ bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
 # Builds Petals 2.2 once in ~/.cache/swarmlm-petals (its own venv; nothing here imports it), runs it
-# on loopback and at 20 ms RTT, and puts its figures beside ours in benchmarks/RESULTS.md.
+# on loopback and at 20 ms RTT, reruns the concurrency benchmark with Petals at the same client
+# counts, and puts its figures beside ours in benchmarks/RESULTS.md.
 bench-petals: setup
 	$(BIN)/python benchmarks/run_all.py --petals
 

@@ -29,20 +29,21 @@ def run_bounded(cmd: list[str], timeout: float, env: dict | None = None, cwd: st
         out, err = proc.communicate(timeout=timeout)
         return Finished(proc.returncode, out, err)
     except subprocess.TimeoutExpired:
-        _signal_group(proc.pid, signal.SIGTERM)
+        signal_group(proc.pid, signal.SIGTERM)
         try:
             out, err = proc.communicate(timeout=grace)
         except subprocess.TimeoutExpired:
-            _signal_group(proc.pid, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
         return Finished(None, out, err + f"\n[stopped after the {timeout:.0f} s limit]")
     finally:
         if proc.poll() is None:  # interrupted (Ctrl-C): leave nothing behind
-            _signal_group(proc.pid, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def signal_group(pgid: int, sig: int) -> None:
+    """Signals every process left in the group, if any."""
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):

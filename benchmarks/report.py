@@ -4,7 +4,9 @@ side when its figures exist, then one section per benchmark.
 
 Each benchmark's JSON is laid out without knowing the script: plain values go to a
 "figure | value" table (nested keys joined with dots); a list of objects, or an object whose
-values are all objects (one per mode, codec, peer...), becomes a table of its own.
+values are all objects (one per mode, codec, peer...), becomes a table of its own. The
+concurrency benchmark also gets both systems per client count in one table, and a chart
+(`plot_concurrency`, written next to RESULTS.md by run_all.py).
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ HEADLINE = [
     ("wan", "modes.push_on.of_limit", "decode at 20 ms RTT, share of the latency limit, push on"),
     ("peer_rss", "max_net_rss_over_held", "peer RSS net of imports / (weights + cache), worst peer (target 1.3)"),
     ("slice70b", "codecs.bfloat16.ms_per_token_per_hop", "70B-width slice: ms per token per hop (bf16 wire)"),
+    ("concurrent", "acceptance.aggregate_8_over_one_session_8",
+     "8 concurrent clients' aggregate tok/s / one session of 8 sequences (target 0.8)"),
+    ("concurrent", "acceptance.aggregate_8_over_best_petals",
+     "8 concurrent clients' aggregate tok/s / Petals 2.2's best aggregate at any count (target 2.5)"),
+    ("concurrent", "acceptance.all_finished_at_16", "all 16 concurrent clients finished"),
 ]
+CONCURRENCY_PNG = "concurrent_users.png"
 
 
 def lookup(obj: Any, path: str) -> Any:
@@ -125,12 +133,68 @@ def _petals_rows(ours: dict[str, dict], petals: dict) -> list[list[Any]]:
     ]
 
 
+def _finished(row: dict | None) -> str | None:
+    return f"{row['finished']} of {row['clients']}" if row and "finished" in row else None
+
+
+def concurrency_table(result: dict) -> str:
+    """Both systems per client count: aggregate tok/s, median client tok/s, clients finished."""
+    ours = {row["clients"]: row for row in result.get("runs", [])}
+    theirs = {row["clients"]: row for row in (result.get("petals") or {}).get("runs", [])}
+    rows = [[n, lookup(ours.get(n), "aggregate_tok_s"), lookup(ours.get(n), "per_client_tok_s.median"),
+             _finished(ours.get(n)), lookup(theirs.get(n), "aggregate_tok_s"),
+             lookup(theirs.get(n), "per_client_tok_s.median"), _finished(theirs.get(n))]
+            for n in sorted({*ours, *theirs})]
+    rows.append(["one session of 8 sequences", result.get("one_session_of_8_tok_s"), None, None, None, None, None])
+    return table(["clients", "swarmlm aggregate tok/s", "swarmlm median client tok/s", "swarmlm finished",
+                  "Petals aggregate tok/s", "Petals median client tok/s", "Petals finished"], rows)
+
+
+def plot_concurrency(result: dict, path) -> bool:
+    """Aggregate tok/s against client count, both systems, and the one-8-sequence-session line.
+    False (and nothing written) where matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display; must precede pyplot's import
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    series = {"swarmlm": result.get("runs") or [], "Petals 2.2": (result.get("petals") or {}).get("runs") or []}
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for (label, rows), color in zip(series.items(), ("C0", "C1")):
+        done = [(row["clients"], row["aggregate_tok_s"]) for row in rows if row.get("aggregate_tok_s")]
+        if done:
+            ax.plot(*zip(*done), marker="o", color=color, label=label)
+        for row in rows:  # a count where some clients never finished has no aggregate: say so where it would be
+            if row.get("finished", 0) < row["clients"]:
+                ax.annotate(f"{label}: {row.get('finished', 0)} of {row['clients']} finished", (row["clients"], 0),
+                            color=color, fontsize=8, va="bottom", ha="right", xytext=(-2, 4),
+                            textcoords="offset points")
+                ax.plot([row["clients"]], [0], marker="x", color=color, clip_on=False)
+    if result.get("one_session_of_8_tok_s"):
+        ax.axhline(result["one_session_of_8_tok_s"], linestyle="--", color="gray", label="one session of 8 sequences")
+    ax.set_xscale("log", base=2)
+    counts = sorted({row["clients"] for rows in series.values() for row in rows})
+    ax.set_xticks(counts, [str(n) for n in counts])
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("concurrent client processes")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_title(f"{result.get('tokens_per_client', '?')} greedy tokens per client, 3 peers, one machine")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _quotient(a: Any, b: Any) -> float | None:
     return round(a / b, 2) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
 
 
-def render(results: dict, petals: dict | None = None) -> str:
-    """`results`: what run_all.py stores (machine, date, commit, note, runs by id)."""
+def render(results: dict, petals: dict | None = None, images: dict[str, str] | None = None) -> str:
+    """`results`: what run_all.py stores (machine, date, commit, note, runs by id); `images`:
+    a chart file (next to RESULTS.md) to show in a benchmark's section, by benchmark id."""
     machine = results.get("machine", {})
     runs: dict[str, dict] = results.get("runs", {})
     ok = {name: run["result"] for name, run in runs.items() if run.get("ok")}
@@ -168,6 +232,10 @@ def render(results: dict, petals: dict | None = None) -> str:
         out += ["", f"## {run.get('title', name)}", "",
                 f"`{run.get('command')}` ({cell(run.get('seconds'))} s{load})", ""]
         if run.get("ok"):
+            if name == "concurrent":
+                out += [concurrency_table(run["result"]), ""]
+            if name in (images or {}):
+                out += [f"![{run.get('title', name)}]({images[name]})", ""]
             out.append(render_result(run["result"]))
         else:
             out.append(f"**Failed:** {cell(run.get('error'))}")

@@ -6,9 +6,12 @@ stderr) and the others still run.
     python benchmarks/run_all.py                  # everything (make bench)
     python benchmarks/run_all.py --only wan,prefill --quick   # a subset, small sizes (a smoke run)
     python benchmarks/run_all.py --petals         # Petals 2.2 side by side (make bench-petals)
+    python benchmarks/run_all.py --only concurrent --petals   # one benchmark with its Petals side
     python benchmarks/run_all.py --render         # rewrite RESULTS.md from the stored JSON
 
-A run with --only replaces those benchmarks' entries and keeps the others. Timings depend on
+A run with --only replaces those benchmarks' entries and keeps the others. --petals runs the
+Petals anchor (loopback and 20 ms RTT, petals_results.json), then the benchmarks that measure
+Petals in the same run (their `petals` arguments); with --only, just those benchmarks. Timings depend on
 what else the machine is doing: RESULTS.md records the load average before and after.
 """
 
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bounded import run_bounded
-from report import render
+from report import CONCURRENCY_PNG, plot_concurrency, render
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -41,6 +44,7 @@ class Benchmark:
     script: str
     args: list[str] = field(default_factory=list)
     quick: list[str] = field(default_factory=list)  # smaller sizes, to check the suite runs end to end
+    petals: list[str] = field(default_factory=list)  # added by --petals: Petals 2.2 measured in the same run
     timeout: float = 3600.0  # generous: on a shared 2-core box a benchmark can take 10x its quiet time
 
 
@@ -61,6 +65,8 @@ SUITE = [
     Benchmark("wan", "Simulated WAN (20 ms RTT)", "wan.py", [], ["--new-tokens", "8", "--runs", "1"]),
     Benchmark("resilience", "Resilience: peer failure mid-generation, decode under training load", "resilience.py",
               [], ["--new-tokens", "16", "--kill-after", "6", "--runs", "1"]),
+    Benchmark("concurrent", "Many users at once: N client processes through 3 peers", "concurrent_users.py", [],
+              ["--clients", "1,2", "--tokens", "8"], ["--petals"], timeout=5400.0),
     Benchmark("load_rss", "Loading memory: span vs whole model", "load_rss.py"),
     Benchmark("peer_rss", "Peer resident memory", "peer_rss.py", [], ["--new-tokens", "8"]),
     Benchmark("slice70b", "70B-width slice (Llama-2-70B shapes, 2 peers x 2 blocks)", "slice70b.py", [],
@@ -98,8 +104,8 @@ def commit() -> str:
     return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
-def run_one(bench: Benchmark, quick: bool) -> dict:
-    args = bench.args + (bench.quick if quick else [])
+def run_one(bench: Benchmark, quick: bool, petals: bool = False) -> dict:
+    args = bench.args + (bench.quick if quick else []) + (bench.petals if petals else [])
     command = " ".join(["python", f"benchmarks/{bench.script}", *args])
     record = {"title": bench.title, "command": command}
     if not (HERE / bench.script).exists():
@@ -128,7 +134,16 @@ def load_json(path: Path) -> dict | None:
 
 
 def write_markdown(results: dict) -> None:
-    RESULTS_MD.write_text(render(results, load_json(PETALS_JSON)))
+    images = {}
+    concurrent = results.get("runs", {}).get("concurrent") or {}
+    if concurrent.get("ok"):
+        if plot_concurrency(concurrent["result"], HERE / CONCURRENCY_PNG):
+            images["concurrent"] = CONCURRENCY_PNG
+            print(f"wrote benchmarks/{CONCURRENCY_PNG}", file=sys.stderr)
+        else:
+            print(f"no benchmarks/{CONCURRENCY_PNG}: matplotlib is not installed (RESULTS.md's table has the "
+                  "figures)", file=sys.stderr)
+    RESULTS_MD.write_text(render(results, load_json(PETALS_JSON), images))
     print(f"wrote {RESULTS_MD.relative_to(ROOT)}", file=sys.stderr)
 
 
@@ -142,10 +157,10 @@ def main() -> None:
     args = parser.parse_args()
 
     results = load_json(RESULTS_JSON) or {"runs": {}}
-    if args.petals:
+    if args.petals and not args.only and not args.render:
         from petals_anchor import run_petals
         PETALS_JSON.write_text(json.dumps(run_petals(log=lambda m: print(m, file=sys.stderr)), indent=1) + "\n")
-    elif not args.render:
+    if not args.render:
         chosen = SUITE
         if args.only:
             wanted = args.only.split(",")
@@ -153,6 +168,8 @@ def main() -> None:
             if unknown:
                 parser.error(f"unknown benchmark ids {sorted(unknown)}; known: {', '.join(b.id for b in SUITE)}")
             chosen = [b for b in SUITE if b.id in wanted]
+        elif args.petals:
+            chosen = [b for b in SUITE if b.petals]  # the other benchmarks keep their entries
         else:
             results["runs"] = {}
         load_before = os.getloadavg()[0]
@@ -160,7 +177,7 @@ def main() -> None:
                        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"))
         for bench in chosen:
             print(f"running {bench.id}: benchmarks/{bench.script}", file=sys.stderr, flush=True)
-            run = run_one(bench, args.quick)
+            run = run_one(bench, args.quick, args.petals)
             print(f"  {'ok' if run['ok'] else 'FAILED: ' + run['error']} ({run['seconds']} s)", file=sys.stderr)
             results["runs"][bench.id] = run
             RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")  # a crash later keeps what ran
