@@ -49,6 +49,7 @@ per step to a peer's BlockService.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from dataclasses import dataclass
 
@@ -96,19 +97,36 @@ class SessionInbox:
     of its own failed pushes. Read by the session's loop only."""
 
     def __init__(self) -> None:
-        self._items: asyncio.Queue[Pushed | PushFailed] = asyncio.Queue()
-        self.waiting_pushes = 0
+        self._items: collections.deque[Pushed | PushFailed] = collections.deque()
+        self._reader: asyncio.Future | None = None  # the session's wait for the next item
+        self.waiting_pushes = 0  # pushed steps put and not yet taken
 
     def put(self, item: Pushed | PushFailed) -> None:
         if isinstance(item, Pushed):
             self.waiting_pushes += 1
-        self._items.put_nowait(item)
+        reader, self._reader = self._reader, None
+        if reader is not None and not reader.done():
+            self._hand(reader, item)
+        else:
+            self._items.append(item)
+
+    def next_item(self) -> asyncio.Future:
+        """A future of the next item, for the session to wait on beside its client's stream (a
+        plain future: a task around `get()` would cost an event-loop turn more per pushed step)."""
+        future = asyncio.get_running_loop().create_future()
+        if self._items:
+            self._hand(future, self._items.popleft())
+        else:
+            self._reader = future
+        return future
 
     async def get(self) -> Pushed | PushFailed:
-        item = await self._items.get()
+        return await self.next_item()
+
+    def _hand(self, future: asyncio.Future, item: Pushed | PushFailed) -> None:
         if isinstance(item, Pushed):
             self.waiting_pushes -= 1
-        return item
+        future.set_result(item)
 
 
 class PushRejected(Exception):
@@ -234,9 +252,9 @@ class PushRouter:
         if endpoint not in self._unary_only:
             link = self._link(endpoint)
             try:
-                return await asyncio.wait_for(link.push(request), self.timeout)
+                return await link.push(request, self.timeout)
             except asyncio.TimeoutError:
-                await self._drop_link(endpoint, link)  # hung: the next push tries a new stream
+                await self._drop_link(endpoint, link)  # hung: the next push opens a new stream
                 raise
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.UNIMPLEMENTED:

@@ -43,21 +43,34 @@ class PushLink:
         self.broken: BaseException | None = None
         self._reader = asyncio.ensure_future(self._read_answers())
 
-    async def push(self, request: swarm_pb2.PushRequest) -> str:
+    async def push(self, request: swarm_pb2.PushRequest, timeout: float) -> str:
         """Sends `request`; returns "" once the next peer queued it, or its refusal ("CODE: reason").
-        Raises PushLinkBroken, or the stream's AioRpcError, when the stream fails."""
+        Raises PushLinkBroken, or the stream's AioRpcError, when the stream fails; TimeoutError
+        when it is not answered within `timeout` s, which also ends the stream (it hangs)."""
         if self.broken is not None:
             raise PushLinkBroken(f"push stream is closed: {self.broken}")
-        answer = asyncio.get_running_loop().create_future()
-        async with self._writing:
-            self._answers.append(answer)
-            try:
-                await self._call.write(request)
-            except BaseException:
-                if not answer.done():
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        # A timer, not asyncio.wait_for: that would start a task of its own per push.
+        timer = loop.call_later(timeout, self._time_out, answer, timeout)
+        try:
+            async with self._writing:
+                self._answers.append(answer)
+                try:
+                    await self._call.write(request)
+                except BaseException:
+                    if answer.done() and not answer.cancelled() and answer.exception() is not None:
+                        raise answer.exception() from None  # timed out while writing
                     answer.cancel()  # skipped when answers are matched: it was never written
-                raise
-        return await answer
+                    raise
+            return await answer
+        finally:
+            timer.cancel()
+
+    def _time_out(self, answer: asyncio.Future, timeout: float) -> None:
+        if not answer.done():
+            answer.set_exception(asyncio.TimeoutError(f"push not acknowledged within {timeout:g} s"))
+        self._call.cancel()  # every other push waiting here fails too; the next push opens a new stream
 
     async def _read_answers(self) -> None:
         try:
