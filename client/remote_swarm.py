@@ -11,7 +11,7 @@ import grpc
 import hivemind
 
 from swarm.dht_process import OwnedDHT
-from swarm.registry import PeerRecord, fetch_span_records
+from swarm.registry import PeerRecord, PendingRecords, fetch_span_records, fetch_span_records_later
 
 from .routing import Hop, MissingBlocksError, RouteFinder
 from .transport import CLIENT_ERRORS, PeerCallError, PeerConnection
@@ -27,6 +27,10 @@ class SwarmSettings:
     request_timeout: float = 60.0  # a peer silent this long (per request or inference step) counts as failed
     wait_for_peers: float = 5.0  # how long a missing block may take to appear before we give up
     records_ttl: float = 2.0  # reuse DHT records this long before fetching again
+    # Records older than records_ttl but not this old are used while newer ones are fetched in
+    # the background, for the next call: a session's open does not wait ~40 ms on the DHT for
+    # them. (Peers announce every 10 s, for 30 s.) 0: always wait for the fetch.
+    records_stale_ok: float = 20.0
     max_failures: int = 3  # peer failures one step survives (each moves to other peers)
     allow_quantized: bool = True  # False: never route through peers serving quantized weights (--quant)
     push: bool = True  # inference steps go peer to peer where peers support it (False: via the client)
@@ -46,12 +50,32 @@ class RemoteSwarm:
         self.routes = RouteFinder(model_id, num_blocks, allow_quantized=self.settings.allow_quantized)
         self._records: dict[int, list[PeerRecord]] | None = None
         self._records_time = 0.0
+        self._fetching: PendingRecords | None = None  # a background fetch (see records_stale_ok)
+        self._fetch_started = 0.0
 
     def records(self, refresh: bool = False) -> dict[int, list[PeerRecord]]:
-        if refresh or self._records is None or time.monotonic() - self._records_time > self.settings.records_ttl:
-            self._records = fetch_span_records(self.dht, self.model_id, self.num_blocks)
-            self._records_time = time.monotonic()
+        """The model's records, fetched again when older than `records_ttl` (see `records_stale_ok`)."""
+        self._take_fetched()
+        age, settings = time.monotonic() - self._records_time, self.settings
+        if refresh or self._records is None or age > max(settings.records_ttl, settings.records_stale_ok):
+            started = time.monotonic()
+            self._records, self._records_time = fetch_span_records(self.dht, self.model_id, self.num_blocks), started
+        elif age > settings.records_ttl and self._fetching is None:
+            self._fetching = fetch_span_records_later(self.dht, self.model_id, self.num_blocks)
+            self._fetch_started = time.monotonic()
         return self._records
+
+    def _take_fetched(self) -> None:
+        if self._fetching is None or not self._fetching.done():
+            return
+        fetching, self._fetching = self._fetching, None
+        try:
+            records = fetching.result()
+        except Exception as e:  # noqa: BLE001 - a later call fetches again
+            logger.warning("fetching the model's records from the DHT failed: %s", e)
+            return
+        if self._fetch_started >= self._records_time:  # not older than a fetch waited for meanwhile
+            self._records, self._records_time = records, self._fetch_started
 
     def find_chain(self, start: int = 0, end: int | None = None, randomize: bool = False) -> list[Hop]:
         """A chain covering [start, end); waits up to `wait_for_peers` for missing blocks

@@ -73,6 +73,13 @@ class PeerConnection:
         return self._unary(self.stub.Info, swarm_pb2.InfoRequest(), timeout)
 
     def open_inference(self, open_msg: swarm_pb2.InferenceOpen, timeout: float) -> "InferenceStream":
+        """A stream whose `open` the peer has answered."""
+        stream = self.start_inference(open_msg, timeout)
+        stream.wait_open()
+        return stream
+
+    def start_inference(self, open_msg: swarm_pb2.InferenceOpen, timeout: float) -> "InferenceStream":
+        """A stream with `open` sent; `wait_open()` takes the answer (several peers open at once)."""
         return InferenceStream(self, open_msg, timeout)
 
 
@@ -92,8 +99,13 @@ class InferenceStream:
         self._answers: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._read_answers, daemon=True, name=f"answers-{connection.endpoint}").start()
         self.closed = False
-        # The peer answers `open` once the cache is reserved, and says whether it takes pushes.
-        self.supports_push = self._next().supports_push
+        self.supports_push: bool | None = None  # known once `open` is answered
+
+    def wait_open(self) -> None:
+        """Waits for the answer to `open`: the peer sends it once the cache is reserved, and
+        says whether it takes pushes. Raises PeerCallError if the peer refused or is silent."""
+        if self.supports_push is None:
+            self.supports_push = self._next().supports_push
 
     def _read_answers(self) -> None:
         try:

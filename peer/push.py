@@ -20,11 +20,13 @@ The protocol, all source-routed by the client:
 - The answer to `InferenceOpen` says `supports_push`. A client that wants push sends each
   step to the first peer of a run of push-capable peers with `push_to`: the (endpoint,
   session id) of every later peer of that run, in order.
-- A peer that ran a step with `push_to` calls `Push(session_id, step)` on `push_to[0]`, the
+- A peer that ran a step with `push_to` sends `(session_id, step)` to `push_to[0]`, the
   step carrying its output as hidden states (in the session's response codec, exactly what
-  the client would have forwarded) and `push_to[1:]` as its own targets. It answers its
-  client once the push is acknowledged, or after ANSWER_AFTER_PUSH_MAX_WAIT at most, so a
-  slow or dead next peer barely delays this peer's own answer.
+  the client would have forwarded) and `push_to[1:]` as its own targets: on the one
+  PushStream it keeps open to that peer (peer/push_stream.py), or as a unary `Push` where
+  that peer does not implement PushStream. It answers its client once the push is
+  acknowledged, or after ANSWER_AFTER_PUSH_MAX_WAIT at most, so a slow or dead next peer
+  barely delays this peer's own answer.
 - The target peer puts the pushed step in the session's inbox; the session takes it as if
   its client had sent it on the session's stream: same decoding and checks, same position
   and rollback rules, same answer to the client, and it pushes on in turn. Pushes also keep
@@ -40,13 +42,14 @@ The protocol, all source-routed by the client:
 
 Trust: a pushed step gets exactly the checks of a client's step, and reaches only the
 session named by its id (a random 128-bit token the client chose, known to the client and
-the peers of its chain). A peer pushes only where a client asked it to, one small unary RPC
+the peers of its chain). A peer pushes only where a client asked it to, one small message
 per step to a peer's BlockService.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from dataclasses import dataclass
 
@@ -54,6 +57,7 @@ import grpc
 
 from swarm.wire import swarm_pb2, swarm_pb2_grpc
 
+from .push_stream import PushLink, serve_push_stream
 from .requests import BadRequest
 
 logger = logging.getLogger(__name__)
@@ -93,19 +97,36 @@ class SessionInbox:
     of its own failed pushes. Read by the session's loop only."""
 
     def __init__(self) -> None:
-        self._items: asyncio.Queue[Pushed | PushFailed] = asyncio.Queue()
-        self.waiting_pushes = 0
+        self._items: collections.deque[Pushed | PushFailed] = collections.deque()
+        self._reader: asyncio.Future | None = None  # the session's wait for the next item
+        self.waiting_pushes = 0  # pushed steps put and not yet taken
 
     def put(self, item: Pushed | PushFailed) -> None:
         if isinstance(item, Pushed):
             self.waiting_pushes += 1
-        self._items.put_nowait(item)
+        reader, self._reader = self._reader, None
+        if reader is not None and not reader.done():
+            self._hand(reader, item)
+        else:
+            self._items.append(item)
+
+    def next_item(self) -> asyncio.Future:
+        """A future of the next item, for the session to wait on beside its client's stream (a
+        plain future: a task around `get()` would cost an event-loop turn more per pushed step)."""
+        future = asyncio.get_running_loop().create_future()
+        if self._items:
+            self._hand(future, self._items.popleft())
+        else:
+            self._reader = future
+        return future
 
     async def get(self) -> Pushed | PushFailed:
-        item = await self._items.get()
+        return await self.next_item()
+
+    def _hand(self, future: asyncio.Future, item: Pushed | PushFailed) -> None:
         if isinstance(item, Pushed):
             self.waiting_pushes -= 1
-        return item
+        future.set_result(item)
 
 
 class PushRejected(Exception):
@@ -140,7 +161,10 @@ class PushRouter:
         self.timeout = timeout
         self._inboxes: dict[str, SessionInbox] = {}
         self._channels: dict[str, tuple[grpc.aio.Channel, swarm_pb2_grpc.BlockServiceStub]] = {}
+        self._links: dict[str, PushLink] = {}  # the open PushStream to each next peer
+        self._unary_only: set[str] = set()  # next peers without PushStream: they get a Push per step
         self._tasks: set[asyncio.Task] = set()
+        self._closing: asyncio.Future | None = None  # resolved when this service closes: ends incoming streams
         self.sent = 0
         self.received = 0
 
@@ -172,6 +196,21 @@ class PushRouter:
         inbox.put(Pushed(request.step))
         self.received += 1
 
+    def answer(self, request: swarm_pb2.PushRequest) -> str:
+        """`deliver` for a push on a PushStream: "" once queued, or the refusal as "CODE: reason"."""
+        try:
+            self.deliver(request)
+        except PushRejected as e:
+            logger.debug("push refused with %s: %s", e.code.name, e)
+            return f"{e.code.name}: {e}"
+        return ""
+
+    async def serve_stream(self, context: grpc.aio.ServicerContext) -> None:
+        """Runs one incoming PushStream until the pusher ends it or this service closes."""
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+        await serve_push_stream(context, self.answer, self._closing)
+
     # --- sending ---------------------------------------------------------------------------
 
     def push_on(self, step: swarm_pb2.InferenceStep, output: swarm_pb2.Tensor,
@@ -194,14 +233,53 @@ class PushRouter:
 
     async def _send(self, endpoint: str, request: swarm_pb2.PushRequest, inbox: SessionInbox) -> None:
         try:
-            await self._stub(endpoint).Push(request, timeout=self.timeout)
-            self.sent += 1
+            error = await self._push(endpoint, request)
         except asyncio.CancelledError:
             raise
+        except asyncio.TimeoutError:
+            error = f"DEADLINE_EXCEEDED: not acknowledged within {self.timeout:g} s"
         except grpc.aio.AioRpcError as e:
-            self._failed(endpoint, request, inbox, f"{e.code().name}: {e.details()}")
-        except Exception as e:  # a bad endpoint string, a closed channel: the client relays instead
-            self._failed(endpoint, request, inbox, f"{type(e).__name__}: {e}")
+            error = f"{e.code().name}: {e.details()}"
+        except Exception as e:  # a bad endpoint string, a broken stream: the client relays instead
+            error = f"{type(e).__name__}: {e}"
+        if error:
+            self._failed(endpoint, request, inbox, error)
+        else:
+            self.sent += 1
+
+    async def _push(self, endpoint: str, request: swarm_pb2.PushRequest) -> str:
+        """Sends one push: "" once the next peer queued it, or its refusal ("CODE: reason")."""
+        if endpoint not in self._unary_only:
+            link = self._link(endpoint)
+            try:
+                return await link.push(request, self.timeout)
+            except asyncio.TimeoutError:
+                await self._drop_link(endpoint, link)  # hung: the next push opens a new stream
+                raise
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                logger.info("%s has no PushStream (an older peer); pushing there with one Push per step", endpoint)
+                self._unary_only.add(endpoint)
+                await self._drop_link(endpoint, link)
+        try:
+            await self._stub(endpoint).Push(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as e:
+            return f"{e.code().name}: {e.details()}"
+        return ""
+
+    def _link(self, endpoint: str) -> PushLink:
+        link = self._links.get(endpoint)
+        if link is None or link.broken is not None:
+            link = self._links[endpoint] = PushLink(self._stub(endpoint))
+        return link
+
+    async def _drop_link(self, endpoint: str, link: PushLink | None = None) -> None:
+        """Closes the stream to `endpoint` (only if it is still `link`, when given)."""
+        if link is None or self._links.get(endpoint) is link:
+            link = self._links.pop(endpoint, None)
+        if link is not None:
+            await link.close()
 
     def _failed(self, endpoint: str, request: swarm_pb2.PushRequest, inbox: SessionInbox, reason: str) -> None:
         error = f"push of step {request.step.step_id} to {endpoint} failed: {reason}"
@@ -217,10 +295,17 @@ class PushRouter:
         return self._channels[endpoint][1]
 
     async def close(self) -> None:
-        """Stops pushes in flight and closes the channels (the peer is shutting down)."""
+        """Stops pushes in flight, ends the push streams both ways and closes the channels (the
+        peer is shutting down, or moving to other blocks)."""
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+        if not self._closing.done():
+            self._closing.set_result(None)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for endpoint in list(self._links):
+            await self._drop_link(endpoint)
         for channel, _ in self._channels.values():
             await channel.close()
         self._channels.clear()

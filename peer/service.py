@@ -9,8 +9,8 @@ Each RPC runs in three steps, in this order:
    dtype it sent;
 3. answer, or end the call with the status its error deserves (peer/status.py).
 
-Inference streams are run by `InferenceSessions` (peer/sessions.py); `Push` takes the steps
-a previous peer pushes to one of them (peer/push.py).
+Inference streams are run by `InferenceSessions` (peer/sessions.py); `Push` and `PushStream`
+take the steps a previous peer pushes to one of them (peer/push.py).
 """
 
 from __future__ import annotations
@@ -130,3 +130,11 @@ class BlockService(swarm_pb2_grpc.BlockServiceServicer):
             end_call(context, e.code, str(e))  # not abort(): see end_call
             return None
         return swarm_pb2.PushResponse()
+
+    async def PushStream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        """Pushes from one previous peer, for all its sessions here, on one stream: each queued
+        like a Push and answered in order (peer/push_stream.py)."""
+        try:
+            await self.pushes.serve_stream(context)
+        except Exception as e:
+            await refuse(context, e, "PushStream")

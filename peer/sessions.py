@@ -220,7 +220,7 @@ class InferenceSessions:
         if session.reading is None:
             session.reading = asyncio.ensure_future(context.read())
         if session.taking is None and session.inbox is not None:
-            session.taking = asyncio.ensure_future(session.inbox.get())
+            session.taking = session.inbox.next_item()
         waiting = [session.reading, session.closed] + ([session.taking] if session.taking is not None else [])
         await asyncio.wait(waiting, timeout=self.session_timeout, return_when=asyncio.FIRST_COMPLETED)
         if session.closed.done():

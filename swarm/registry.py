@@ -217,7 +217,32 @@ def fetch_span_records(
     Blocks nobody serves map to []. One DHT call for all blocks. Never raises on bad data.
     """
     keys = [block_key(model_id, i) for i in range(num_blocks)]
-    found = dht.run_coroutine(partial(_get_many, keys=keys, latest=latest))
+    return _span_records(dht.run_coroutine(partial(_get_many, keys=keys, latest=latest)), model_id, keys)
+
+
+class PendingRecords:
+    """A `fetch_span_records` under way (`fetch_span_records_later`): `done()`, then `result()`."""
+
+    def __init__(self, future, model_id: str, keys: list[str]) -> None:
+        self._future, self._model_id, self._keys = future, model_id, keys
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self) -> dict[int, list[PeerRecord]]:
+        """The records; raises what the DHT call raised."""
+        return _span_records(self._future.result(), self._model_id, self._keys)
+
+
+def fetch_span_records_later(dht: DHT, model_id: str, num_blocks: int, latest: bool = True) -> PendingRecords:
+    """`fetch_span_records` without waiting for the DHT: the caller goes on meanwhile."""
+    keys = [block_key(model_id, i) for i in range(num_blocks)]
+    return PendingRecords(dht.run_coroutine(partial(_get_many, keys=keys, latest=latest), return_future=True),
+                          model_id, keys)
+
+
+def _span_records(found: dict, model_id: str, keys: list[str]) -> dict[int, list[PeerRecord]]:
+    num_blocks = len(keys)
     now = get_dht_time()
     records: dict[int, list[PeerRecord]] = {}
     for i, key in enumerate(keys):

@@ -88,6 +88,8 @@ class FakeConnection:
         self.peers.streams.setdefault(self.endpoint, []).append(stream)
         return stream
 
+    start_inference = open_inference  # a fake peer answers `open` at once
+
 
 class FakeStream:
     """One fake peer's inference session; answers are kept until the client takes them."""
@@ -100,6 +102,9 @@ class FakeStream:
         self.received: list[tuple[str, swarm_pb2.InferenceStep]] = []  # ("client" or "push", step)
         self._answers: list[swarm_pb2.InferenceResponse] = []
         self.closed = False
+
+    def wait_open(self) -> None:
+        pass
 
     def send(self, step: swarm_pb2.InferenceStep) -> None:
         if self.endpoint in self.peers.dead:
