@@ -139,7 +139,7 @@ class InferenceSession:
         elif batch != self.batch_size:
             raise SessionError(f"session was opened for batch {self.batch_size}, got batch {batch}")
         self._masked = self._masked or attention_mask is not None
-        if position_ids is not None and not self._masked and _counting_from(position_ids, self.position):
+        if position_ids is not None and not self._masked and _counting_from(position_ids, self.position, new):
             # What every peer derives itself when no mask was sent: not sent, so no peer decodes
             # and checks it (~0.3 ms a peer per decode step, with cold caches).
             position_ids = None
@@ -242,8 +242,7 @@ class InferenceSession:
                 open_hop.stream.close()
 
 
-def _counting_from(position_ids: torch.Tensor, start: int) -> bool:
-    """Whether every row of `position_ids` (batch, new) is start, start + 1, ..."""
-    rows = position_ids.tolist()
-    expected = list(range(start, start + len(rows[0]))) if rows else []
-    return all(row == expected for row in rows)
+def _counting_from(position_ids: torch.Tensor, start: int, new: int) -> bool:
+    """Whether every row of `position_ids` is start, start + 1, ..., start + new - 1."""
+    expected = list(range(start, start + new))
+    return position_ids.ndim == 2 and all(row == expected for row in position_ids.tolist())

@@ -16,6 +16,7 @@ a real, visible state (a peer finishing its sessions but taking no new ones).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import ipaddress
 import logging
@@ -162,6 +163,11 @@ async def _get_many(
     return await node.get_many(keys, sufficient_expiration_time=float("inf") if latest else None)
 
 
+async def _get_many_after(dht: DHT, node: DHTNode, delay: float, keys: list[str], latest: bool) -> dict[str, Any]:
+    await asyncio.sleep(delay)
+    return await _get_many(dht, node, keys, latest)
+
+
 def _store_span(dht: DHT, record: PeerRecord, value: dict[str, Any], expiration: float) -> bool:
     keys = [block_key(record.model_id, i) for i in record.span]
     result = dht.run_coroutine(partial(_store_many, keys=keys, subkeys=[record.peer_id] * len(keys),
@@ -234,11 +240,13 @@ class PendingRecords:
         return _span_records(self._future.result(), self._model_id, self._keys)
 
 
-def fetch_span_records_later(dht: DHT, model_id: str, num_blocks: int, latest: bool = True) -> PendingRecords:
-    """`fetch_span_records` without waiting for the DHT: the caller goes on meanwhile."""
+def fetch_span_records_later(dht: DHT, model_id: str, num_blocks: int, latest: bool = True,
+                             delay: float = 0.0) -> PendingRecords:
+    """`fetch_span_records` without waiting for the DHT, started `delay` s from now: the caller
+    goes on meanwhile."""
     keys = [block_key(model_id, i) for i in range(num_blocks)]
-    return PendingRecords(dht.run_coroutine(partial(_get_many, keys=keys, latest=latest), return_future=True),
-                          model_id, keys)
+    fetch = partial(_get_many_after, delay=delay, keys=keys, latest=latest)
+    return PendingRecords(dht.run_coroutine(fetch, return_future=True), model_id, keys)
 
 
 def _span_records(found: dict, model_id: str, keys: list[str]) -> dict[int, list[PeerRecord]]:

@@ -90,3 +90,16 @@ def test_a_failed_peer_is_rebuilt_from_the_steps_it_was_sent(monkeypatch, peers)
     assert [step.step_id for _, step in replayed] == [1, 2]
     torch.testing.assert_close(deserialize_tensor(replayed[0][1].hidden_states), x[:, :2] + 10)
     assert len(peers.stream(c.endpoint).received) == 2, "the hop after it ran each step once"
+
+
+def test_positions_the_peers_would_derive_are_not_sent(monkeypatch, peers):
+    """Without a padding mask so far, peers count positions from the step's position: ids that
+    say the same are left out; other ids, and every id once a mask was sent, go along."""
+    with InferenceSession(three_hops(monkeypatch), max_length=8) as session:
+        session.step(hidden(batch=2, new=2), position_ids=torch.tensor([[0, 1], [0, 1]]))
+        session.step(hidden(batch=2, new=1), position_ids=torch.tensor([[5], [2]]))
+        mask = torch.tensor([[1], [0]])
+        session.step(hidden(batch=2, new=1), attention_mask=mask, position_ids=torch.tensor([[3], [3]]))
+        session.step(hidden(batch=2, new=1), position_ids=torch.tensor([[4], [4]]))
+    sent = [step for _, step in peers.stream(session.endpoints[0]).received]
+    assert [step.HasField("position_ids") for step in sent] == [False, True, True, True]
