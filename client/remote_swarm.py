@@ -11,6 +11,7 @@ import grpc
 import hivemind
 
 from swarm.dht_process import OwnedDHT
+from swarm.reach import tunnels
 from swarm.registry import PeerRecord, PendingRecords, fetch_span_records, fetch_span_records_later
 
 from .routing import Hop, MissingBlocksError, RouteFinder
@@ -49,6 +50,7 @@ class RemoteSwarm:
         self.settings = settings or SwarmSettings()
         # A DHT process of our own that dies with this process (a killed client leaves no orphan).
         self.dht = dht or OwnedDHT(initial_peers=list(initial_peers), client_mode=True, start=True)
+        tunnels.install(self.dht.replicate_p2p)  # peers behind NAT are dialed through its libp2p daemon
         self.routes = RouteFinder(model_id, num_blocks, allow_quantized=self.settings.allow_quantized)
         self._records: dict[int, list[PeerRecord]] | None = None
         self._records_time = 0.0
@@ -103,16 +105,19 @@ class RemoteSwarm:
         """Pings the peers that could serve part of [start, end) and have no fresh round-trip
         time, in parallel; a peer that does not answer is avoided like a failed one."""
         peers = [p for p in self.routes.candidates(records) if start <= p.start and p.end <= end]
-        unreachable = set(self.routes.rtt.measure([p.endpoint for p in peers], ping))
+        unreachable = set(self.routes.rtt.measure([tunnels.dial_target(p) for p in peers], ping))
         for peer in peers:
-            if peer.endpoint in unreachable:
+            if tunnels.dial_target(peer) in unreachable:
                 self.routes.ban(peer.peer_id)
 
     def ban_endpoint(self, endpoint: str) -> None:
-        """Avoid the peer at `endpoint` for a while (it failed)."""
+        """Avoid the peer at `endpoint` for a while (it failed), unless the relay on the way
+        failed and it has another (the next connection goes through that)."""
+        if tunnels.route_failed(endpoint):
+            return
         for records in self.records().values():
             for record in records:
-                if record.endpoint == endpoint:
+                if tunnels.dial_target(record) == endpoint:
                     self.routes.ban(record.peer_id)
 
     def retry_after(self, error: PeerCallError, failures: int) -> bool:

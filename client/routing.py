@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from swarm.reach.tunnels import dial_target
 from swarm.registry import PeerRecord, PeerState
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ class Hop:
 
     @property
     def endpoint(self) -> str:
-        return self.peer.endpoint
+        """What gRPC dials: the peer's endpoint, or a local tunnel through its relays."""
+        return dial_target(self.peer)
 
 
 class RttTable:
@@ -185,7 +187,7 @@ class RouteFinder:
         """Expected seconds per step for blocks [start, end) on `record`'s peer: a round trip
         plus compute. The announced throughput is tokens/s through the peer's whole span, so
         the span's share [start, end) takes that share of 1 / throughput."""
-        rtt = self.rtt.get(record.endpoint, DEFAULT_HOP_SECONDS)
+        rtt = self.rtt.get(dial_target(record), DEFAULT_HOP_SECONDS)
         compute = (end - start) / (record.end - record.start) / max(record.throughput, 1e-3)
         return rtt + compute
 

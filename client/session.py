@@ -182,7 +182,10 @@ class InferenceSession:
         if not self.swarm.settings.push or index + 1 >= len(self._hops):
             return False
         here, there = self._hops[index], self._hops[index + 1]
-        return here.stream.supports_push and not here.push_failed and there.stream.supports_push
+        # A peer behind NAT is reached through this client's tunnel, which the peer before it
+        # cannot use: the client carries that hop itself.
+        return (here.stream.supports_push and not here.push_failed and there.stream.supports_push
+                and not there.hop.peer.relayed)
 
     def _feed(self, index: int, step: swarm_pb2.InferenceStep, inputs: swarm_pb2.Tensor, fed: list) -> None:
         """Sends hop `index` its input for `step`, asking it to push the step on through as

@@ -10,7 +10,9 @@ Start-up order matters:
    --num-blocks the span is chosen first (peer/balancer.py);
 3. weights of the span only (`load_span`, on a thread: a signal still stops the peer),
    then a short throughput measurement (peer/span_host.py, peer/throughput.py);
-4. the gRPC server starts, the span is announced `online`; only then "peer ready".
+   The gRPC server already runs during these steps (answering UNAVAILABLE): right after it is
+   bound, the dial-back probe finds how this peer is reached (peer/reach.py), and says so;
+4. the span is announced `online`; only then "peer ready".
 
 The span itself, and its moves, are `SpanHost`'s (peer/span_host.py).
 
@@ -39,6 +41,7 @@ from swarm.registry import ModelRecord, PeerState
 from .balancer import Balancer, PlacementError
 from .config import PeerConfig, PeerStartError
 from .dht import start_dht
+from .reach import find_reach
 from .rpc_handlers import add_to_server
 from .runtime import ComputeRuntime
 from .span_host import SpanHost
@@ -90,16 +93,19 @@ async def _serve(config: PeerConfig, checkpoint: Checkpoint, dht, on_ready: Call
         except RuntimeError as e:
             raise PeerStartError(f"cannot listen on {listen} ({e}); is the port taken? pick another --port, or 0 "
                                  "for any free one") from None
-        endpoint = format_endpoint(config.announced_host, config.public_port or port)
-        host = SpanHost(config, checkpoint, model, dht, endpoint, runtime, switch)
+        # Serving from now on (answered UNAVAILABLE until a span is loaded), so that the
+        # dial-back probe can open the port: the owner learns how it is reached in seconds, not
+        # after minutes of loading.
+        await server.start()
+        reach = await find_reach(config, dht, port)
+        on_ready(f"reachability: {reach.line}")
+        host = SpanHost(config, checkpoint, model, dht, reach.endpoint, runtime, switch, relays=reach.relays)
         try:
             host.record()  # an endpoint clients could not dial is refused here, before serving
         except ValidationError as e:
+            await reach.close()
             reasons = "; ".join(error["msg"] for error in e.errors())
-            raise PeerStartError(f"cannot announce {endpoint}: {reasons}; fix --public-host / --public-port") from None
-        if not config.public_host and config.host in ("0.0.0.0", "::"):
-            logger.warning("announcing %s: only clients on this machine can reach this peer; pass --public-host "
-                           "with an address others can dial", endpoint)
+            raise PeerStartError(f"cannot announce {reach.endpoint}: {reasons}; fix --public-host / --public-port") from None
 
         balancer = Balancer(host, config.blocks_wanted, config.balance_period) if config.blocks_wanted else None
         # Refreshed from the first (joining) announcement on: loading may outlast its records.
@@ -110,6 +116,7 @@ async def _serve(config: PeerConfig, checkpoint: Checkpoint, dht, on_ready: Call
             stop.set()
             await refreshing
             await _stop(host)
+            await reach.close()
     finally:
         await server.stop(grace=1.0)
         runtime.shutdown()
@@ -129,7 +136,6 @@ async def _place_load_and_serve(host: SpanHost, balancer: Balancer | None, serve
         await host.announce(PeerState.joining)  # so peers choosing their span meanwhile count this one
     if not await host.load(stop):
         return 0
-    await server.start()
     await host.announce(PeerState.online)
     on_ready(PeerReady(host.start, host.end, host.checkpoint.name, host.endpoint, host.model.model_id).line())
     if balancer is None or balancer.period <= 0:

@@ -46,8 +46,9 @@ class SpanHost:
     the span, announces it, and can drain it and load another in its place (a move)."""
 
     def __init__(self, config: PeerConfig, checkpoint: Checkpoint, model: ModelRecord, dht, endpoint: str,
-                 runtime: ComputeRuntime, switch: SpanSwitch) -> None:
+                 runtime: ComputeRuntime, switch: SpanSwitch, relays: list[str] | None = None) -> None:
         self.config, self.checkpoint, self.model, self.dht = config, checkpoint, model, dht
+        self.relays = tuple(relays or ())  # circuit multiaddrs when behind NAT (peer/reach.py)
         self.endpoint, self.runtime, self.switch = endpoint, runtime, switch
         self.peer_id = dht.peer_id.to_base58()
         # With --num-blocks a provisional span until the balancer chooses one.
@@ -64,7 +65,7 @@ class SpanHost:
                           start=self.start, end=self.end, state=self.state, throughput=self.throughput,
                           cache_tokens_free=service.budget.free_tokens if service else self.config.cache_tokens,
                           dtype=self.config.dtype, quant=self.config.quant, version=swarm.__version__,
-                          fingerprint=span.fingerprint if span is not None else "")
+                          fingerprint=span.fingerprint if span is not None else "", relays=self.relays)
 
     async def fetch_records(self) -> list[PeerRecord]:
         """Every valid record of the model's blocks (one DHT call)."""

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "never sees a partial file)")
     parser.add_argument("--identity-path", metavar="PATH",
                         help="private key file that fixes this node's peer id; created if missing")
+    parser.add_argument("--relay", action="store_true",
+                        help="also relay for peers behind NAT (they reserve a slot here and clients reach them "
+                        "through it); only on a machine others can dial, e.g. with a public address")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="stderr log level (default: %(default)s)")
     return parser
@@ -69,6 +72,21 @@ def order_maddrs(maddrs: Sequence[str], host: str) -> list[str]:
             return True  # e.g. /dns4/...: not ours to judge
 
     return sorted((m for m in maddrs if dialable(m)), key=rank)
+
+
+def serve_probes(dht, relays: list[str]) -> None:
+    """Answers peers' dial-back probes (swarm/reach/probe.py) on an event loop thread."""
+    import asyncio
+
+    from .reach.probe import Prober
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True, name="reach-probes").start()
+
+    async def start() -> None:
+        await Prober(await dht.replicate_p2p(), relays).serve()
+
+    asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -109,10 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .dht_process import OwnedDHT  # heavy (hivemind, torch): imported after --help and argument errors
 
+    # A relay serves only once libp2p believes it is public; AutoNAT needs several other nodes
+    # to say so, which a small swarm lacks. --relay is the owner saying it.
     dht = OwnedDHT(start=True, host_maddrs=[listen], initial_peers=args.initial_peers or None,
-                       identity_path=args.identity_path)
+                   identity_path=args.identity_path, **({"force_reachability": "public"} if args.relay else {}))
     try:
         maddrs = order_maddrs([str(m) for m in dht.get_visible_maddrs()], args.host)
+        public = [m for m in maddrs if m.split("/")[2] not in ("127.0.0.1", "::1")]
+        serve_probes(dht, relays=(public or maddrs)[:1] if args.relay else [])
         if args.maddr_file:
             write_atomically(args.maddr_file, "".join(m + "\n" for m in maddrs))
         print("\n".join(maddrs), flush=True)

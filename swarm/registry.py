@@ -41,6 +41,8 @@ _MAX_STR = 256  # bounds untrusted strings so one junk record cannot bloat a rea
 _MODEL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,79}$")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 DType = Literal[COMPUTE_DTYPES]
+_MAX_RELAYS = 4
+_CIRCUIT_RE = re.compile(r"(/[A-Za-z0-9.:_-]+)+/p2p/\w+/p2p-circuit/p2p/\w+")
 
 
 class PeerState(str, enum.Enum):
@@ -89,11 +91,28 @@ class PeerRecord(BaseModel):
     quant: str = Field(default="none", max_length=64)
     version: str = Field(max_length=64)
     fingerprint: str = Field(max_length=_MAX_STR)  # weights fingerprint of [start, end)
+    # Behind NAT: libp2p circuit multiaddrs (".../p2p/RELAY/p2p-circuit/p2p/PEER") that carry
+    # gRPC to this peer (swarm/reach); empty when `endpoint` is dialable directly.
+    relays: tuple[str, ...] = Field(default=(), max_length=_MAX_RELAYS)
 
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:
         return _check_endpoint(value)
+
+    @field_validator("relays")
+    @classmethod
+    def _relays(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for maddr in value:
+            if len(maddr) > _MAX_STR or not _CIRCUIT_RE.fullmatch(maddr):
+                raise ValueError(f"relay {maddr[:80]!r} is not a circuit multiaddr '.../p2p/RELAY/p2p-circuit/p2p/PEER'")
+        if len({m.rsplit("/p2p/", 1)[1] for m in value}) > 1:
+            raise ValueError("relays name more than one peer")
+        return value
+
+    @property
+    def relayed(self) -> bool:
+        return bool(self.relays)
 
     @model_validator(mode="after")
     def _span(self) -> PeerRecord:

@@ -38,9 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dht.shutdown()
     print(f"model {model_id}: {num_blocks} blocks")
+
+    def relay_hosts(peer) -> str:
+        return ", ".join(maddr.split("/")[2] for maddr in peer.relays)
+
     for peer in sorted(peers_by_id(records).values(), key=lambda r: (r.start, r.end)):
+        reach = f"relayed via {relay_hosts(peer)}" if peer.relayed else "direct"
         print(f"  peer {peer.peer_id[:16]:16}  blocks {peer.start:>3}:{peer.end:<3}  {peer.endpoint:21}  "
-              f"{peer.state.value:8} {peer.throughput:8.1f} tok/s  {peer.dtype:8} cache free {peer.cache_tokens_free}")
+              f"{peer.state.value:8} {peer.throughput:8.1f} tok/s  {peer.dtype:8} cache free {peer.cache_tokens_free}  "
+              f"{reach}")
     missing = [i for i, rs in records.items() if not rs]
     if missing:
         print(f"UNCOVERED blocks: {format_blocks(missing)}")

@@ -1,0 +1,132 @@
+"""Dialing peers behind NAT: a local TCP endpoint per relayed peer, spliced onto libp2p streams.
+
+`dial_target(record)` is what a gRPC channel should dial for a peer record: its endpoint when
+it is reachable directly, else 127.0.0.1:PORT of a tunnel. Each TCP connection gRPC opens to
+the tunnel becomes one libp2p stream to the peer, through the first of its relays that works;
+a relay that failed is tried last from then on, so a reconnect goes through another one.
+
+The streams go through the libp2p daemon of the process's DHT (`dht.replicate_p2p()`), on an
+event loop thread of their own: callers (a client's generate loop) are synchronous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Awaitable, Callable
+
+from hivemind.p2p import P2P, PeerID
+
+from .probe import CIRCUIT_SECONDS, GRPC, DaemonMaddr
+from .splice import splice
+
+logger = logging.getLogger(__name__)
+
+
+class _Tunnel:
+    def __init__(self, reach_id: str, circuits: tuple[str, ...]) -> None:
+        self.reach_id, self.circuits = reach_id, list(circuits)
+        self.failed: list[str] = []  # most recent failure last
+        self.current: str | None = None
+        self.port = 0
+        self.bytes_sent, self.bytes_received = [0], [0]
+
+    def order(self) -> list[str]:
+        fresh = [c for c in self.circuits if c not in self.failed]
+        return fresh + [c for c in self.failed if c in self.circuits]
+
+
+class Tunnels:
+    """The process's tunnels; `p2p` makes the P2P they use, on first need."""
+
+    def __init__(self, p2p: Callable[[], Awaitable[P2P]]) -> None:
+        self._make_p2p = p2p
+        self._p2p: P2P | None = None
+        self._p2p_ready: asyncio.Lock | None = None
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, daemon=True, name="reach-tunnels").start()
+        self._by_peer: dict[str, _Tunnel] = {}
+        self._by_endpoint: dict[str, _Tunnel] = {}
+        self._lock = threading.Lock()
+
+    def endpoint(self, reach_id: str, circuits: tuple[str, ...]) -> str:
+        with self._lock:
+            tunnel = self._by_peer.get(reach_id)
+            if tunnel is None:
+                tunnel = _Tunnel(reach_id, circuits)
+                tunnel.port = asyncio.run_coroutine_threadsafe(self._listen(tunnel), self._loop).result(10)
+                self._by_peer[reach_id] = tunnel
+                self._by_endpoint[f"127.0.0.1:{tunnel.port}"] = tunnel
+            else:
+                tunnel.circuits = list(circuits)  # the record's newest relays
+            return f"127.0.0.1:{tunnel.port}"
+
+    def route_failed(self, endpoint: str) -> bool:
+        """A call through tunnel `endpoint` failed: its relay goes last. True if another relay
+        is left to try (the peer itself may be fine), False if `endpoint` is no tunnel or it has
+        no other way."""
+        tunnel = self._by_endpoint.get(endpoint)
+        if tunnel is None or tunnel.current is None:
+            return False
+        failed = tunnel.current
+        tunnel.failed = [c for c in tunnel.failed if c != failed] + [failed]
+        tunnel.current = None
+        return len(tunnel.circuits) > 1
+
+    def relayed_bytes(self) -> int:
+        return sum(t.bytes_sent[0] + t.bytes_received[0] for t in self._by_peer.values())
+
+    async def _listen(self, tunnel: _Tunnel) -> int:
+        server = await asyncio.start_server(lambda r, w: self._carry(tunnel, r, w), "127.0.0.1", 0)
+        return server.sockets[0].getsockname()[1]
+
+    async def _carry(self, tunnel: _Tunnel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._p2p_ready is None:
+            self._p2p_ready = asyncio.Lock()
+        async with self._p2p_ready:
+            if self._p2p is None:
+                self._p2p = await self._make_p2p()
+        peer = PeerID.from_base58(tunnel.reach_id)
+        for circuit in tunnel.order():
+            try:
+                await asyncio.wait_for(self._p2p._client.connect(peer, [DaemonMaddr(circuit)]), CIRCUIT_SECONDS)
+                _, remote_reader, remote_writer = await asyncio.wait_for(
+                    self._p2p.call_binary_stream_handler(peer, GRPC), CIRCUIT_SECONDS)
+            except Exception as e:  # noqa: BLE001 - this relay does not work now: try the next
+                logger.info("cannot reach %s through %s: %s", tunnel.reach_id[:16], circuit, e)
+                tunnel.failed = [c for c in tunnel.failed if c != circuit] + [circuit]
+                continue
+            tunnel.current = circuit
+            await splice((reader, writer), (remote_reader, remote_writer),
+                         (tunnel.bytes_sent, tunnel.bytes_received))
+            return
+        logger.warning("peer %s is unreachable through every relay it announced", tunnel.reach_id[:16])
+        writer.close()
+
+
+_tunnels: Tunnels | None = None
+_tunnels_lock = threading.Lock()
+
+
+def install(p2p: Callable[[], Awaitable[P2P]]) -> Tunnels:
+    """The process's tunnels, made with `p2p` if there are none yet."""
+    global _tunnels
+    with _tunnels_lock:
+        if _tunnels is None:
+            _tunnels = Tunnels(p2p)
+        return _tunnels
+
+
+def dial_target(record) -> str:
+    """What to dial for a PeerRecord: its endpoint, or its tunnel if it is reached through relays."""
+    if not record.relays:
+        return record.endpoint
+    if _tunnels is None:
+        raise RuntimeError(f"peer {record.peer_id[:16]} is behind NAT, and this process has no libp2p "
+                           "daemon to reach it (install one with swarm.reach.tunnels.install)")
+    return _tunnels.endpoint(record.relays[0].rsplit("/p2p/", 1)[1], tuple(record.relays))
+
+
+def route_failed(endpoint: str) -> bool:
+    return _tunnels is not None and _tunnels.route_failed(endpoint)
