@@ -18,6 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from swarm.checkpoint import resolve_checkpoint, config_fingerprint
 from swarm.compat import cache_kwargs, pop_cache
+from swarm.initial_peers import parse_initial_peers
 from swarm.loading import load_client_parts
 from swarm.models import ClientParts, get_family
 from swarm.registry import make_model_id
@@ -102,9 +103,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         projection=256)`, `BottleneckAdapter("houlsby", reduction_factor=16)`), or a PEFT config
         (LoraConfig, IA3Config, PrefixTuningConfig); `peft_config` adds one the same way.
         `train_lm_head` trains the LM head too, on top of a tuning method. `adapter` loads a folder
-        written by `save_adapter` (or a PEFT LoRA/IA3/prefix-tuning folder), settings included."""
-        if isinstance(initial_peers, str):
-            initial_peers = [initial_peers]
+        written by `save_adapter` (or a PEFT LoRA/IA3/prefix-tuning folder), settings included.
+
+        A malformed multiaddr in `initial_peers` raises `swarm.initial_peers.InitialPeersError` (a
+        ValueError) before anything loads; a DHT that cannot be reached, `DHTJoinError`."""
+        # Checked first: a malformed multiaddr is an InitialPeersError before anything loads.
+        initial_peers = parse_initial_peers([initial_peers] if isinstance(initial_peers, str) else initial_peers)
         checkpoint = resolve_checkpoint(name_or_path)
         config = checkpoint.config
         family = get_family(config)
@@ -123,7 +127,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if modes:
             tuning = ClientTuning(family, modes, config.hidden_size, pre_seq_len, parts.embed_tokens)
         # Joined last: a bad tuning setup above is refused before a DHT node starts.
-        swarm = RemoteSwarm(list(initial_peers), model_id, family.num_blocks, settings, dht=dht)
+        swarm = RemoteSwarm(initial_peers, model_id, family.num_blocks, settings, dht=dht)
         model = cls(config, parts, swarm, tuning, train_lm_head)
         model.family, model.name_or_path = family, checkpoint.name
         if adapter is not None:

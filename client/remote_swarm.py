@@ -11,6 +11,7 @@ import grpc
 import hivemind
 
 from swarm.dht_process import OwnedDHT
+from swarm.initial_peers import explained_join
 from swarm.reach import tunnels
 from swarm.registry import PeerRecord, PendingRecords, fetch_span_records, fetch_span_records_later
 
@@ -49,7 +50,10 @@ class RemoteSwarm:
         self.model_id, self.num_blocks = model_id, num_blocks
         self.settings = settings or SwarmSettings()
         # A DHT process of our own that dies with this process (a killed client leaves no orphan).
-        self.dht = dht or OwnedDHT(initial_peers=list(initial_peers), client_mode=True, start=True)
+        if dht is None:
+            with explained_join(initial_peers):  # a DHTJoinError saying what to check
+                dht = OwnedDHT(initial_peers=list(initial_peers), client_mode=True, start=True)
+        self.dht = dht
         tunnels.install(self.dht.replicate_p2p)  # peers behind NAT are dialed through its libp2p daemon
         self.routes = RouteFinder(model_id, num_blocks, allow_quantized=self.settings.allow_quantized)
         self._records: dict[int, list[PeerRecord]] | None = None

@@ -13,6 +13,7 @@ import sys
 from typing import Sequence
 
 from swarm.dtypes import COMPUTE_DTYPES
+from swarm.initial_peers import initial_peers_argument
 from swarm.named_models import DEFAULT_MODEL  # no torch: --help stays instant
 
 from .config import PeerConfig, PeerLimits, PeerStartError
@@ -166,7 +167,9 @@ def _fail(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    initial_peers = initial_peers_argument(parser, args.initial_peers)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cache_tokens < 0:
@@ -215,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config = PeerConfig(
         model=args.model, start=start, end=end,
-        initial_peers=[a.strip() for arg in args.initial_peers for a in arg.split(",") if a.strip()],
+        initial_peers=initial_peers,
         host=args.host, port=args.port, public_host=args.public_host, public_port=args.public_port,
         device=device, dtype=dtype, quant=args.quant, cache_tokens=args.cache_tokens,
         limits=PeerLimits(max_batch_size=args.max_batch_size, max_seq_length=args.max_seq_length,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hivemind  # heavy: only a serving peer imports this module (peer/server.py)
 
 from swarm.dht_process import OwnedDHT
+from swarm.initial_peers import join_error
 
 from .config import PeerConfig, PeerStartError
 
@@ -17,5 +18,4 @@ def start_dht(config: PeerConfig) -> hivemind.DHT:
         return OwnedDHT(initial_peers=config.initial_peers or None, host_maddrs=host_maddrs, start=True,
                         client_mode=False)
     except Exception as e:
-        raise PeerStartError(f"cannot join the DHT through {config.initial_peers or 'no initial peers'}: {e}; "
-                             "check --initial-peers (a multiaddr printed by `swarm dht`)") from e
+        raise PeerStartError(str(join_error(e, config.initial_peers))) from e

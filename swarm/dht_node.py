@@ -16,6 +16,8 @@ import tempfile
 import threading
 from typing import Sequence
 
+from .initial_peers import explained_join, exit_if_not_joined, initial_peers_argument
+
 logger = logging.getLogger(__name__)
 
 
@@ -102,13 +104,15 @@ def write_atomically(path: str, text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    initial_peers = initial_peers_argument(parser, args.initial_peers)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         listen = _listen_maddr(args.host, args.port)
     except ValueError:
-        build_parser().error(f"--host {args.host!r} is not an IP address")
+        parser.error(f"--host {args.host!r} is not an IP address")
 
     # Signals are caught before the DHT starts so an early SIGTERM still shuts it down cleanly.
     stop = threading.Event()
@@ -129,8 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # A relay serves only once libp2p believes it is public; AutoNAT needs several other nodes
     # to say so, which a small swarm lacks. --relay is the owner saying it.
-    dht = OwnedDHT(start=True, host_maddrs=[listen], initial_peers=args.initial_peers or None,
-                   identity_path=args.identity_path, **({"force_reachability": "public"} if args.relay else {}))
+    with exit_if_not_joined(parser.prog), explained_join(initial_peers):
+        dht = OwnedDHT(start=True, host_maddrs=[listen], initial_peers=initial_peers or None,
+                       identity_path=args.identity_path, **({"force_reachability": "public"} if args.relay else {}))
     try:
         maddrs = order_maddrs([str(m) for m in dht.get_visible_maddrs()], args.host)
         public = [m for m in maddrs if m.split("/")[2] not in ("127.0.0.1", "::1")]

@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,13 @@ def spawn(
     proc.stdout_path = stdout_path  # type: ignore[attr-defined]
     proc.stderr_path = stderr_path  # type: ignore[attr-defined]
     return proc
+
+
+def unused_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on (bound, then closed again): a dead address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def output(proc: subprocess.Popen) -> str:

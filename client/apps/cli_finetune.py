@@ -16,7 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
-from swarm.checkpoint import DEFAULT_MODEL
+from swarm.initial_peers import exit_if_not_joined, initial_peers_argument
+from swarm.named_models import DEFAULT_MODEL  # no torch: --help and argument errors stay instant
 
 MODES = ("ptune", "deep_ptune", "embeddings", "lora", "ia3", "prefix", "bottleneck", "none")
 DEFAULT_LR = {"ptune": 1e-2, "deep_ptune": 1e-2, "embeddings": 1e-4, "lora": 1e-3, "ia3": 1e-2, "prefix": 1e-2,
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
+    peers = initial_peers_argument(parser, args.initial_peers)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
@@ -183,11 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     from client import AutoDistributedModelForCausalLM  # only now: transformers takes seconds to import
 
     torch.manual_seed(args.seed)  # the initial soft prompts / LoRA A draw from it
-    peers = [p for item in args.initial_peers for p in item.split(",") if p]
-    model = AutoDistributedModelForCausalLM.from_pretrained(
-        args.model, initial_peers=peers, tuning_mode=tuning_modes(args), pre_seq_len=args.pre_seq_len,
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        lora_targets=setup.get("lora_targets"))
+    with exit_if_not_joined(parser.prog):
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            args.model, initial_peers=peers, tuning_mode=tuning_modes(args), pre_seq_len=args.pre_seq_len,
+            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+            lora_targets=setup.get("lora_targets"))
     try:
         if model.tokenizer is None:
             print(f"swarm finetune: error: {args.model} has no tokenizer to read the data with", file=sys.stderr)

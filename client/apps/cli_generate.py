@@ -7,7 +7,8 @@ import logging
 import sys
 import time
 
-from swarm.checkpoint import DEFAULT_MODEL
+from swarm.initial_peers import exit_if_not_joined, initial_peers_argument
+from swarm.named_models import DEFAULT_MODEL  # no torch: --help and argument errors stay instant
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,16 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    peers = initial_peers_argument(parser, args.initial_peers)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import torch
     from transformers import TextStreamer
 
     from client import AutoDistributedModelForCausalLM, SwarmSettings
 
-    peers = [p for item in args.initial_peers for p in item.split(",") if p]
     settings = SwarmSettings(codec=args.codec, allow_quantized=not args.full_precision)
-    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=peers, settings=settings)
+    with exit_if_not_joined(parser.prog):
+        model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=peers, settings=settings)
     tokenizer = model.tokenizer
     if args.prompt is None:
         if not args.chat:

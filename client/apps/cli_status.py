@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from swarm.checkpoint import DEFAULT_MODEL
+from swarm.initial_peers import explained_join, exit_if_not_joined, initial_peers_argument
+from swarm.named_models import DEFAULT_MODEL  # no torch: --help and argument errors stay instant
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    peers = initial_peers_argument(parser, args.initial_peers)
     logging.basicConfig(level=logging.WARNING)
     import hivemind
 
@@ -31,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = resolve_checkpoint(args.model)
     num_blocks = get_family(checkpoint.config).num_blocks
     model_id = make_model_id(checkpoint.name, config_fingerprint(checkpoint.config))
-    peers = [p for item in args.initial_peers for p in item.split(",") if p]
-    dht = hivemind.DHT(initial_peers=peers, client_mode=True, start=True)
+    with exit_if_not_joined(parser.prog), explained_join(peers):
+        dht = hivemind.DHT(initial_peers=peers, client_mode=True, start=True)
     try:
         records = fetch_span_records(dht, model_id, num_blocks)
     finally:

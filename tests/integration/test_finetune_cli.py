@@ -103,7 +103,8 @@ def test_trains_saves_resumes_and_stops_on_ctrl_c(swarm, data, tmp_path, capsys)
 def test_bad_data_is_refused_before_joining_the_swarm(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{oops\n{"prompt": "no completion"}\n')
-    args = ["--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/unused", "--data", str(bad), "--out", str(tmp_path / "run")]
+    unused = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+    args = ["--initial-peers", unused, "--data", str(bad), "--out", str(tmp_path / "run")]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "2 bad lines: line 2: not JSON" in err and "line 3: needs 'text' or 'prompt'+'completion'" in err
