@@ -6,6 +6,7 @@ Modules, each calling only those below it:
   their defaults; PeerStartError);
 - `server`: the process main: DHT first, the gRPC server, start-up order, shutdown;
   - `dht`: the peer's hivemind DHT process (dies with the peer);
+  - `reach`: how the peer is reached (dial-back probe; relays when behind NAT), said at start;
   - `balancer` (protocol) and `placement` (decisions): where --num-blocks serves and moves;
   - `span_host`: the span served: load, measure (`throughput`), announce (`announcer`:
     the DHT records), drain and move; `span_switch` keeps the port while it moves;

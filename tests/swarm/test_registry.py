@@ -224,3 +224,18 @@ def test_withdraw_hides_the_record_but_needs_a_later_expiration():
     assert registry.fetch_span_records(dht, MODEL_ID, 2) == {0: [], 1: []}
     registry.announce(dht, record, now + 60)  # a peer may come back under the same id
     assert registry.fetch_span_records(dht, MODEL_ID, 2) == {0: [record], 1: [record]}
+
+
+def test_a_relayed_record_names_its_circuits_and_refuses_junk():
+    from swarm.registry import PeerRecord
+
+    base = dict(model_id="m-12345678", peer_id="p", endpoint="127.0.0.1:1", start=0, end=1, state="online",
+                throughput=1.0, cache_tokens_free=1, dtype="float32", version="0", fingerprint="f")
+    circuit = "/ip4/198.51.100.1/tcp/31337/p2p/12D3KooWRelay/p2p-circuit/p2p/12D3KooWPeer"
+    record = PeerRecord(**base, relays=[circuit])
+    assert record.relayed and record.relays == (circuit,)
+    assert not PeerRecord(**base).relayed
+    for junk in (["/ip4/198.51.100.1/tcp/1/p2p/R"], ["x" * 300], [circuit, circuit.replace("Peer", "Other")],
+                 [circuit] * 5):
+        with pytest.raises(ValueError):
+            PeerRecord(**base, relays=junk)
