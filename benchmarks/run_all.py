@@ -67,6 +67,8 @@ SUITE = [
               [], ["--new-tokens", "16", "--kill-after", "6", "--runs", "1"]),
     Benchmark("concurrent", "Many users at once: N client processes through 3 peers", "concurrent_users.py", [],
               ["--clients", "1,2", "--tokens", "8"], ["--petals"], timeout=5400.0),
+    Benchmark("nat", "Behind NAT: direct (forwarded port) vs relayed (needs root; skips without)", "nat.py", [],
+              ["--tokens", "8", "--model", "tiny"]),
     Benchmark("load_rss", "Loading memory: span vs whole model", "load_rss.py"),
     Benchmark("peer_rss", "Peer resident memory", "peer_rss.py", [], ["--new-tokens", "8"]),
     Benchmark("slice70b", "70B-width slice (Llama-2-70B shapes, 2 peers x 2 blocks)", "slice70b.py", [],
