@@ -54,7 +54,7 @@ class RemoteSwarm:
             with explained_join(initial_peers):  # a DHTJoinError saying what to check
                 dht = OwnedDHT(initial_peers=list(initial_peers), client_mode=True, start=True)
         self.dht = dht
-        tunnels.install(self.dht.replicate_p2p)  # peers behind NAT are dialed through its libp2p daemon
+        tunnels.install(lambda: self.dht.replicate_p2p())  # peers behind NAT: dialed through its libp2p daemon
         self.routes = RouteFinder(model_id, num_blocks, allow_quantized=self.settings.allow_quantized)
         self._records: dict[int, list[PeerRecord]] | None = None
         self._records_time = 0.0

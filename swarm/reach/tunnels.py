@@ -110,11 +110,14 @@ _tunnels_lock = threading.Lock()
 
 
 def install(p2p: Callable[[], Awaitable[P2P]]) -> Tunnels:
-    """The process's tunnels, made with `p2p` if there are none yet."""
+    """The process's tunnels; `p2p` makes their P2P unless one was made already (the newest
+    DHT's daemon is used, so a client that replaced its DHT before any tunnel still works)."""
     global _tunnels
     with _tunnels_lock:
         if _tunnels is None:
             _tunnels = Tunnels(p2p)
+        elif _tunnels._p2p is None:
+            _tunnels._make_p2p = p2p
         return _tunnels
 
 
