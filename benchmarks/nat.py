@@ -5,8 +5,9 @@ The middle span of three is served by a peer in `home1`; the other two and a `sw
 node are in `pub`, and so is the client (benchmarks/nat_client.py). Setups, one after the other:
 
 - direct:  the home peer gets --port P and the router forwards P (what a user sets up);
-- relayed: no forwarding: the home peer reserves a slot on the relay and clients tunnel to it;
-- hole_punched: not measurable in this lab (see HOLE_PUNCH_WHY).
+- hole_punched: no forwarding; the client punches a direct TCP path (swarm/reach/punch.py),
+  coordinated through the relay;
+- relayed: no forwarding, punching off (SWARMLM_HOLE_PUNCH=0): gRPC goes through the relay.
 
 Each setup runs in a lab of its own (the home peer is stopped and started again with the other
 network, and no stale DHT record of the previous one can be picked). Per setup: tokens/s of a
@@ -32,9 +33,7 @@ sys.path.insert(0, str(ROOT))  # tests.netlab, tests.procs
 
 from tests.netlab import NetLab, missing  # noqa: E402
 
-HOLE_PUNCH_WHY = ("libp2p DCUtR only punches to public addresses and go-multiaddr counts the documentation "
-                  "ranges (198.51.100.0/24, 203.0.113.0/24, 192.0.2.0/24) as unroutable, so the lab's path "
-                  "stays relayed")
+SETUPS = ("direct", "hole_punched", "relayed")
 PORT = 31337
 START_SECONDS = 240.0
 REACH_LINE = r"reachability: (.*)"
@@ -74,8 +73,9 @@ def run_setup(name: str, folder: str, splits: list[str], tokens: int, logs: Path
         except TimeoutError as e:
             raise StartupTimeout(str(e).splitlines()[0]) from e
         startup_s = time.perf_counter() - started
+        env = {**_env(), "SWARMLM_HOLE_PUNCH": "0" if name == "relayed" else "1"}
         client = lab.spawn("pub", [sys.executable, str(ROOT / "benchmarks" / "nat_client.py"), "--model", folder,
-                                   "--peer", relay, "--tokens", str(tokens)], env=_env(), log_dir=logs)
+                                   "--peer", relay, "--tokens", str(tokens)], env=env, log_dir=logs)
         try:
             result = json.loads(wait_for_line(client, r"^\{.*\}$", 600).group(0))
         except (TimeoutError, AssertionError) as e:
@@ -113,7 +113,7 @@ def main() -> None:
             model = tiny()
         fallback = None
         results: dict[str, dict] = {}
-        for name in ("direct", "relayed"):
+        for name in SETUPS:
             try:
                 results[name] = run_setup(name, model[1], model[2], args.tokens, logs)
             except StartupTimeout as e:
@@ -122,14 +122,15 @@ def main() -> None:
                 fallback = f"{model[0]} peers did not start within {START_SECONDS:.0f} s ({e}); fell back to tiny"
                 print(fallback, file=sys.stderr)
                 model, results = tiny(), {}
-                for again in ("direct", "relayed"):
+                for again in SETUPS:
                     results[again] = run_setup(again, model[1], model[2], args.tokens, logs)
                 break
 
     out = {"benchmark": "nat", "model": model[0], "blocks": model[2], "new_tokens": args.tokens,
-           "direct": results["direct"], "relayed": results["relayed"],
-           "hole_punched": {"available": False, "why": HOLE_PUNCH_WHY},
-           "relay_cost_ms_per_step": round(results["relayed"]["step_ms_median"] - results["direct"]["step_ms_median"], 2)}
+           **results,
+           "relay_cost_ms_per_step": round(results["relayed"]["step_ms_median"] - results["direct"]["step_ms_median"], 2),
+           "punched_cost_ms_per_step": round(results["hole_punched"]["step_ms_median"]
+                                             - results["direct"]["step_ms_median"], 2)}
     if fallback:
         out["fallback"] = fallback
     print(json.dumps(out))

@@ -67,6 +67,7 @@ def main() -> None:
         "train_step_ms": round(train[-1] * 1000, 1), "train_seq_len": ids.shape[1],
         "relayed_bytes_during_generate": relayed_bytes,
         "relayed_bytes_per_token": round(relayed_bytes / new) if new else 0,
+        "paths": sorted(set(tunnels._tunnels.paths())) if tunnels._tunnels else [],
     }), flush=True)
     model.swarm.shutdown()
 

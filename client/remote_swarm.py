@@ -13,6 +13,7 @@ import hivemind
 from swarm.dht_process import OwnedDHT
 from swarm.initial_peers import explained_join
 from swarm.reach import tunnels
+from swarm.reach.probe import peer_ids
 from swarm.registry import PeerRecord, PendingRecords, fetch_span_records, fetch_span_records_later
 
 from .routing import Hop, MissingBlocksError, RouteFinder
@@ -54,7 +55,8 @@ class RemoteSwarm:
             with explained_join(initial_peers):  # a DHTJoinError saying what to check
                 dht = OwnedDHT(initial_peers=list(initial_peers), client_mode=True, start=True)
         self.dht = dht
-        tunnels.install(lambda: self.dht.replicate_p2p())  # peers behind NAT: dialed through its libp2p daemon
+        # Peers behind NAT: dialed through its libp2p daemon; the initial peers say our address.
+        tunnels.install(lambda: self.dht.replicate_p2p(), peer_ids(list(initial_peers)))
         self.routes = RouteFinder(model_id, num_blocks, allow_quantized=self.settings.allow_quantized)
         self._records: dict[int, list[PeerRecord]] | None = None
         self._records_time = 0.0

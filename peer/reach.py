@@ -80,7 +80,7 @@ async def find_reach(config: PeerConfig, dht, port: int) -> Reach:
         return Reach(configured, f"unreachable: behind NAT (seen as {answers[0].observed}) and no relay among "
                                  "--initial-peers; start `swarm dht --relay` on a public machine and pass it in "
                                  f"--initial-peers, or {_advice(port)}")
-    relayed = await RelayedEndpoint.start(port, relays[:3])
+    relayed = await RelayedEndpoint.start(port, relays[:3], public_ip=answers[0].observed)
     working = await _check_circuits(p2p, probers, relayed)
     if not working:
         await relayed.shutdown()

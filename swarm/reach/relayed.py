@@ -14,6 +14,7 @@ import logging
 
 from hivemind.p2p import P2P
 
+from . import punch
 from .probe import GRPC, PING
 from .splice import splice
 
@@ -29,19 +30,22 @@ class _StaticRelaysP2P(P2P):
 class RelayedEndpoint:
     """Serves `grpc_port` (on 127.0.0.1) to libp2p streams arriving through `relays`."""
 
-    def __init__(self, p2p: P2P, grpc_port: int, relays: list[str]) -> None:
-        self.p2p, self.grpc_port, self.relays = p2p, grpc_port, relays
-        self.bytes_in, self.bytes_out = [0], [0]  # through the tunnel: to the servicer, from it
-        self.streams = 0
+    def __init__(self, p2p: P2P, grpc_port: int, relays: list[str], public_ip: str | None) -> None:
+        self.p2p, self.grpc_port, self.relays, self.public_ip = p2p, grpc_port, relays, public_ip
+        self.bytes_in, self.bytes_out = [0], [0]  # through relays: to the servicer, from it
+        self.punched_in, self.punched_out = [0], [0]  # over punched connections
+        self.streams = self.punched = 0
 
     @classmethod
-    async def start(cls, grpc_port: int, relays: list[str]) -> RelayedEndpoint:
+    async def start(cls, grpc_port: int, relays: list[str], public_ip: str | None = None) -> RelayedEndpoint:
+        """`public_ip`: this peer's address as probers saw it, for hole punching (None: no punching)."""
         p2p = await _StaticRelaysP2P.create(
             initial_peers=relays, trusted_relays=relays, use_auto_relay=True, force_reachability="private",
             host_maddrs=["/ip4/0.0.0.0/tcp/0"], dht_mode="client")
-        endpoint = cls(p2p, grpc_port, relays)
+        endpoint = cls(p2p, grpc_port, relays, public_ip)
         await p2p.add_binary_stream_handler(GRPC, endpoint._grpc)
         await p2p.add_binary_stream_handler(PING, endpoint._ping)
+        await p2p.add_binary_stream_handler(punch.PUNCH, endpoint._punch)
         return endpoint
 
     @property
@@ -53,14 +57,30 @@ class RelayedEndpoint:
         return [f"{relay}/p2p-circuit/p2p/{self.reach_id}" for relay in self.relays]
 
     async def _grpc(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            local = await asyncio.open_connection("127.0.0.1", self.grpc_port)
-        except OSError as e:
-            logger.warning("relayed stream from %s: cannot reach the local gRPC port: %s", info.peer_id, e)
+        local = await self._local(writer)
+        if local is not None:
+            self.streams += 1
+            await splice((reader, writer), local, (self.bytes_in, self.bytes_out))
+
+    async def _punch(self, _info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.public_ip is None:
             writer.close()
             return
-        self.streams += 1
-        await splice((reader, writer), local, (self.bytes_in, self.bytes_out))
+        punched = await punch.answer(reader, writer, self.public_ip)
+        if punched is None:
+            return
+        local = await self._local(punched[1])
+        if local is not None:
+            self.punched += 1
+            await splice(punched, local, (self.punched_in, self.punched_out))
+
+    async def _local(self, writer: asyncio.StreamWriter):
+        try:
+            return await asyncio.open_connection("127.0.0.1", self.grpc_port)
+        except OSError as e:
+            logger.warning("cannot reach the local gRPC port %d: %s", self.grpc_port, e)
+            writer.close()
+            return None
 
     @staticmethod
     async def _ping(_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -2,8 +2,13 @@
 
 `dial_target(record)` is what a gRPC channel should dial for a peer record: its endpoint when
 it is reachable directly, else 127.0.0.1:PORT of a tunnel. Each TCP connection gRPC opens to
-the tunnel becomes one libp2p stream to the peer, through the first of its relays that works;
-a relay that failed is tried last from then on, so a reconnect goes through another one.
+the tunnel is carried, best first:
+
+1. by a direct TCP connection hole-punched to the peer (punch.py), coordinated through the
+   first of its relays that works (SWARMLM_HOLE_PUNCH=0 turns this off);
+2. else by one libp2p stream to the peer through that relay.
+
+A relay that failed is tried last from then on, so a reconnect goes through another one.
 
 The streams go through the libp2p daemon of the process's DHT (`dht.replicate_p2p()`), on an
 event loop thread of their own: callers (a client's generate loop) are synchronous.
@@ -13,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from typing import Awaitable, Callable
 
 from hivemind.p2p import P2P, PeerID
 
-from .probe import CIRCUIT_SECONDS, GRPC, DaemonMaddr
+from . import punch
+from .probe import CIRCUIT_SECONDS, GRPC, DaemonMaddr, ask_all
 from .splice import splice
 
 logger = logging.getLogger(__name__)
@@ -28,9 +35,11 @@ class _Tunnel:
     def __init__(self, reach_id: str, circuits: tuple[str, ...]) -> None:
         self.reach_id, self.circuits = reach_id, list(circuits)
         self.failed: list[str] = []  # most recent failure last
-        self.current: str | None = None
+        self.current: str | None = None  # the relay the last connection went through
         self.port = 0
-        self.bytes_sent, self.bytes_received = [0], [0]
+        self.bytes_sent, self.bytes_received = [0], [0]  # through relays
+        self.punched_bytes = [0]
+        self.paths: list[str] = []  # "punched" or "relayed", per connection carried
 
     def order(self) -> list[str]:
         fresh = [c for c in self.circuits if c not in self.failed]
@@ -40,8 +49,11 @@ class _Tunnel:
 class Tunnels:
     """The process's tunnels; `p2p` makes the P2P they use, on first need."""
 
-    def __init__(self, p2p: Callable[[], Awaitable[P2P]]) -> None:
-        self._make_p2p = p2p
+    def __init__(self, p2p: Callable[[], Awaitable[P2P]], probers: list[PeerID] | None = None) -> None:
+        self._make_p2p, self.probers = p2p, list(probers or [])
+        self.punching = os.environ.get("SWARMLM_HOLE_PUNCH", "1") != "0"
+        self._my_ip: str | None = None
+        self._asked_ip = False
         self._p2p: P2P | None = None
         self._p2p_ready: asyncio.Lock | None = None
         self._loop = asyncio.new_event_loop()
@@ -77,6 +89,31 @@ class Tunnels:
     def relayed_bytes(self) -> int:
         return sum(t.bytes_sent[0] + t.bytes_received[0] for t in self._by_peer.values())
 
+    def punched_bytes(self) -> int:
+        return sum(t.punched_bytes[0] for t in self._by_peer.values())
+
+    def paths(self) -> list[str]:
+        return [path for t in self._by_peer.values() for path in t.paths]
+
+    async def _public_ip(self) -> str | None:
+        """This machine's address as the probers see it (asked once), for hole punching."""
+        if not self._asked_ip:
+            self._asked_ip = True
+            answers = await ask_all(self._p2p, self.probers, {"ports": []}, timeout=5.0)
+            self._my_ip = next((a.observed for a in answers if a.observed), None)
+        return self._my_ip
+
+    async def _punched(self, peer: PeerID):
+        if not self.punching or await self._public_ip() is None:
+            return None
+        try:
+            _, reader, writer = await asyncio.wait_for(self._p2p.call_binary_stream_handler(peer, punch.PUNCH),
+                                                       CIRCUIT_SECONDS)
+        except Exception as e:  # noqa: BLE001 - an older peer, or the relay went: no punching
+            logger.debug("no punch stream to %s: %s", peer, e)
+            return None
+        return await punch.dial(reader, writer, self._my_ip)
+
     async def _listen(self, tunnel: _Tunnel) -> int:
         server = await asyncio.start_server(lambda r, w: self._carry(tunnel, r, w), "127.0.0.1", 0)
         return server.sockets[0].getsockname()[1]
@@ -91,6 +128,11 @@ class Tunnels:
         for circuit in tunnel.order():
             try:
                 await asyncio.wait_for(self._p2p._client.connect(peer, [DaemonMaddr(circuit)]), CIRCUIT_SECONDS)
+                punched = await self._punched(peer)
+                if punched is not None:
+                    tunnel.paths.append("punched")
+                    await splice((reader, writer), punched, (tunnel.punched_bytes, tunnel.punched_bytes))
+                    return
                 _, remote_reader, remote_writer = await asyncio.wait_for(
                     self._p2p.call_binary_stream_handler(peer, GRPC), CIRCUIT_SECONDS)
             except Exception as e:  # noqa: BLE001 - this relay does not work now: try the next
@@ -98,6 +140,7 @@ class Tunnels:
                 tunnel.failed = [c for c in tunnel.failed if c != circuit] + [circuit]
                 continue
             tunnel.current = circuit
+            tunnel.paths.append("relayed")
             await splice((reader, writer), (remote_reader, remote_writer),
                          (tunnel.bytes_sent, tunnel.bytes_received))
             return
@@ -109,15 +152,16 @@ _tunnels: Tunnels | None = None
 _tunnels_lock = threading.Lock()
 
 
-def install(p2p: Callable[[], Awaitable[P2P]]) -> Tunnels:
+def install(p2p: Callable[[], Awaitable[P2P]], probers: list[PeerID] | None = None) -> Tunnels:
     """The process's tunnels; `p2p` makes their P2P unless one was made already (the newest
-    DHT's daemon is used, so a client that replaced its DHT before any tunnel still works)."""
+    DHT's daemon is used, so a client that replaced its DHT before any tunnel still works).
+    `probers` (the initial peers) tell this machine's public address, for hole punching."""
     global _tunnels
     with _tunnels_lock:
         if _tunnels is None:
-            _tunnels = Tunnels(p2p)
+            _tunnels = Tunnels(p2p, probers)
         elif _tunnels._p2p is None:
-            _tunnels._make_p2p = p2p
+            _tunnels._make_p2p, _tunnels.probers = p2p, list(probers or [])
         return _tunnels
 
 

@@ -1,7 +1,8 @@
 """A client process for tests/integration/test_nat.py, run inside a lab namespace: generates
 greedily from the tiny model through the swarm (optionally pausing after --pause-after tokens
 until --go exists, so the test can kill a relay mid-generation), then, with --grads, takes
-one LoRA gradient. Prints one JSON line: {"tokens": [...], "relayed_bytes": N}; grads go to --grads.
+one LoRA gradient. Prints one JSON line: {"tokens": [...], "relayed_bytes": N, "punched_bytes": N,
+"paths": ["punched" | "relayed", ...]} (how each connection to a NAT'd peer went); grads go to --grads.
 
     python -m tests.integration.nat_client --peer MADDR --model DIR --tokens N [--pause-after K --go FILE] [--grads FILE]
 """
@@ -57,7 +58,8 @@ def main() -> None:
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.save({"loss": loss.detach(), "grads": {k: v.grad for k, v in adapter.items()}}, args.grads)
-    result["relayed_bytes"] = tunnels._tunnels.relayed_bytes() if tunnels._tunnels else 0
+    used = tunnels._tunnels
+    result.update(relayed_bytes=used.relayed_bytes(), punched_bytes=used.punched_bytes(), paths=used.paths())
     print(json.dumps(result), flush=True)
     model.swarm.shutdown()
 

@@ -3,6 +3,7 @@ by a peer in `home1`, behind a router that lets nothing in; the DHT nodes in `pu
 
 - a client in `pub` gets local transformers' greedy tokens and PEFT's LoRA gradients through it;
 - a client in `home2`, behind a second router, does too (both sides behind NAT);
+- the path is hole-punched (TCP simultaneous open), or relayed with punching turned off;
 - the peers' start-up lines say how they are reached: public, NAT with a relay, NAT without;
 - `kill -9` of the relay in use mid-generation leaves the tokens unchanged.
 
@@ -79,10 +80,10 @@ def lab(tmp_path_factory) -> Iterator[Lab]:
         yield Lab(net, folder, [m1, m2], [relay1, relay2], lines, logs)
 
 
-def _client(lab: Lab, where: str, *args: str) -> "subprocess.Popen":  # noqa: F821
+def _client(lab: Lab, where: str, *args: str, punch: bool = True) -> "subprocess.Popen":  # noqa: F821
     argv = [sys.executable, "-m", "tests.integration.nat_client", "--model", str(lab.folder), "--tokens", str(TOKENS),
             *[a for m in lab.relays for a in ("--peer", m)], *args]
-    return lab.net.spawn(where, argv, log_dir=lab.logs)
+    return lab.net.spawn(where, argv, log_dir=lab.logs, env=None if punch else {"SWARMLM_HOLE_PUNCH": "0"})
 
 
 def _result(proc, timeout: float = 120.0) -> dict:
@@ -102,9 +103,9 @@ def test_start_up_lines_say_how_each_peer_is_reached(lab):
     assert "swarm dht --relay" in lab.lines["nat_no_relay"]
 
 
-def _check_tokens_and_grads(lab: Lab, local, where: str, tmp_path: Path) -> dict:
+def _check_tokens_and_grads(lab: Lab, local, where: str, tmp_path: Path, punch: bool = True) -> dict:
     grads_file = tmp_path / f"grads-{where}.pt"
-    proc = _client(lab, where, "--grads", str(grads_file))
+    proc = _client(lab, where, "--grads", str(grads_file), punch=punch)
     result = _result(proc)
     assert result["tokens"] == local_greedy(local, TOKENS), output(proc)
     ours = torch.load(grads_file)
@@ -118,21 +119,26 @@ def _check_tokens_and_grads(lab: Lab, local, where: str, tmp_path: Path) -> dict
     return result
 
 
-def test_client_in_public_generates_and_trains_through_the_nat_peer(lab, local, tmp_path):
+def test_client_in_public_generates_and_trains_through_the_nat_peer_relayed(lab, local, tmp_path):
+    result = _check_tokens_and_grads(lab, local, "pub", tmp_path, punch=False)
+    assert set(result["paths"]) == {"relayed"} and result["relayed_bytes"] > 0, result
+
+
+def test_client_in_public_punches_a_direct_path(lab, local, tmp_path):
     result = _check_tokens_and_grads(lab, local, "pub", tmp_path)
-    assert result["relayed_bytes"] > 0  # the middle span was reached through a relay
+    assert set(result["paths"]) == {"punched"} and result["relayed_bytes"] == 0, result
 
 
-def test_client_behind_its_own_nat_too(lab, local, tmp_path):
-    # Hole punching (libp2p DCUtR) only aims at public addresses, and go-libp2p counts the
-    # documentation ranges this lab must use as unroutable: so here the path is relayed.
+def test_client_behind_its_own_nat_punches_a_direct_path_too(lab, local, tmp_path):
+    # Both routers drop what they did not ask for: only simultaneous open gets through.
     result = _check_tokens_and_grads(lab, local, "home2", tmp_path)
-    assert result["relayed_bytes"] > 0
+    assert set(result["paths"]) == {"punched"} and result["relayed_bytes"] == 0, result
+    assert result["punched_bytes"] > 0
 
 
 def test_killing_the_relay_in_use_mid_generation_leaves_the_tokens(lab, local, tmp_path):
     go = tmp_path / "go"
-    proc = _client(lab, "pub", "--pause-after", str(TOKENS // 2), "--go", str(go))
+    proc = _client(lab, "pub", "--pause-after", str(TOKENS // 2), "--go", str(go), punch=False)
     wait_for_line(proc, "^PAUSED$", 120)
     os.killpg(lab.relay_procs[0].pid, signal.SIGKILL)  # the first relay: every tunnel tries it first
     go.touch()
