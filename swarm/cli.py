@@ -72,7 +72,7 @@ Run `swarm COMMAND --help` for a command's options.
 PARENT_PID_ENV = "SWARMLM_PARENT_PID"
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Get SIGTERM when the starting process dies, even by SIGKILL, so a killed demo or test
     run leaves no peers behind (they shut down cleanly on SIGTERM)."""
     parent = os.environ.pop(PARENT_PID_ENV, None)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = "\n".join(f"  {name:<{width}}  {command.summary()}" for name, command in table.items())
         print(USAGE.format(commands=lines))
         return 0
-    _die_with_parent()
+    die_with_parent()
     name, rest = argv[0], argv[1:]
     if name not in table:
         print(f"swarm: unknown command {name!r}; commands: {', '.join(table)}", file=sys.stderr)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import grpc
 import pytest
 import torch
 from peft import PeftModel
@@ -17,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from client import AutoDistributedModelForCausalLM
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 from swarm.tuning import PrefixTuning
-from swarm.wire import swarm_pb2, swarm_pb2_grpc
+from tests.integration.peer_info import step_batches
 from tests.procs import output, spawn, stop, wait_for_line
 from tests.reference import greedy_without_cache
 
@@ -68,15 +67,6 @@ def expected_tokens(weights, adapters: dict) -> list[list[int]]:
         if adapter == "lora":
             base = model.unload()  # the base model as it was, for the prefix (last: PEFT cannot unload it)
     return [expected[i] for i in range(len(CLIENTS))]
-
-
-def step_batches(swarm) -> list[dict[int, int]]:
-    counts = []
-    for endpoint in swarm.endpoints:
-        with grpc.insecure_channel(endpoint) as channel:
-            info = swarm_pb2_grpc.BlockServiceStub(channel).Info(swarm_pb2.InfoRequest(), timeout=10)
-        counts.append(dict(info.step_batches))
-    return counts
 
 
 def test_eight_clients_at_once_get_their_own_tokens_and_share_passes(swarm, tmp_path):
