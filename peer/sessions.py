@@ -74,6 +74,7 @@ class InferenceSessions:
         self.span, self.decoder, self.compute, self.runtime = span, decoder, compute, runtime
         self.budget, self.pushes, self.session_timeout = budget, pushes, session_timeout
         self._sessions: set[InferenceSession] = set()
+        self.tokens_served = 0  # every step's tokens (rows x length), for the DHT record's counter
         self._idle_message = (f"inference session idle for more than {session_timeout:g} s; closed to free its "
                               "cache (open a new session to go on)")
 
@@ -156,6 +157,7 @@ class InferenceSessions:
             computed = time.perf_counter()
             session.steps += 1
             session.tokens_received += step.hidden_states.shape[1]
+            self.tokens_served += step.hidden_states.shape[0] * step.hidden_states.shape[1]
             session.last_step_id = max(session.last_step_id, step.step_id)
             pushing = self.pushes.push_on(request.step, hidden, session.inbox)
             if pushing is not None:

@@ -57,6 +57,7 @@ class SpanHost:
         self.throughput = 0.0  # tokens/s; 0 until measured on the loaded span
         self.span: BlockSpan | None = None
         self.service: BlockService | None = None
+        self.tokens_before_move = 0  # served on spans left behind: the record's counter never goes back
         self.announcer = Announcer(dht, model, self.record, config.announce_period)
 
     def record(self) -> PeerRecord:
@@ -65,7 +66,9 @@ class SpanHost:
                           start=self.start, end=self.end, state=self.state, throughput=self.throughput,
                           cache_tokens_free=service.budget.free_tokens if service else self.config.cache_tokens,
                           dtype=self.config.dtype, quant=self.config.quant, version=swarm.__version__,
-                          fingerprint=span.fingerprint if span is not None else "", relays=self.relays)
+                          fingerprint=span.fingerprint if span is not None else "", relays=self.relays,
+                          sessions=service.open_sessions if service else 0,
+                          tokens_served=self.tokens_before_move + (service.sessions.tokens_served if service else 0))
 
     async def fetch_records(self) -> list[PeerRecord]:
         """Every valid record of the model's blocks (one DHT call)."""
@@ -136,6 +139,7 @@ class SpanHost:
             while old.open_sessions and time.monotonic() < deadline and not stop.is_set():
                 await asyncio.sleep(0.1)
             await old.close_sessions(f"peer moved to blocks {start}:{end}; other peers serve these blocks")
+            self.tokens_before_move += old.sessions.tokens_served
         self.switch.serve(None, unavailable=f"peer is loading blocks {start}:{end}; try another peer")
         left = departed((self.start, self.end), (start, end))
         self.service = self.span = old = None

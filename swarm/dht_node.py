@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--relay", action="store_true",
                         help="also relay for peers behind NAT (they reserve a slot here and clients reach them "
                         "through it); only on a machine others can dial, e.g. with a public address")
+    parser.add_argument("--dashboard", type=int, metavar="PORT",
+                        help="also serve the swarm's dashboard (blocks, peers, load; no chat) over HTTP on PORT "
+                        "(0: any free port; the address is logged); needs pip install 'swarmlm[api]'")
+    parser.add_argument("--dashboard-host", default="127.0.0.1", metavar="IP",
+                        help="address the dashboard listens on (default: %(default)s, this machine only; "
+                        "0.0.0.0 to show it to others)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="stderr log level (default: %(default)s)")
     return parser
@@ -91,6 +97,19 @@ def serve_probes(dht, relays: list[str]) -> None:
     asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
 
 
+def serve_dashboard(parser: argparse.ArgumentParser, dht, host: str, port: int):
+    """The dashboard on host:port, or exit 1 with a one-line error (after the DHT shuts down)."""
+    from .dashboard import DashboardServer
+
+    try:
+        dashboard = DashboardServer(dht, host, port)
+    except OSError as e:
+        print(f"{parser.prog}: error: --dashboard {port}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    logger.info("dashboard at %s", dashboard.url)
+    return dashboard
+
+
 def write_atomically(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".maddrs-")
@@ -113,6 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         listen = _listen_maddr(args.host, args.port)
     except ValueError:
         parser.error(f"--host {args.host!r} is not an IP address")
+    if args.dashboard is not None:
+        from .dashboard import missing_dependencies
+
+        if not 0 <= args.dashboard < 65536:
+            parser.error(f"--dashboard {args.dashboard} is not a TCP port (0..65535)")
+        if missing := missing_dependencies():
+            parser.error(f"--dashboard: {missing}")
 
     # Signals are caught before the DHT starts so an early SIGTERM still shuts it down cleanly.
     stop = threading.Event()
@@ -136,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with exit_if_not_joined(parser.prog), explained_join(initial_peers):
         dht = OwnedDHT(start=True, host_maddrs=[listen], initial_peers=initial_peers or None,
                        identity_path=args.identity_path, **({"force_reachability": "public"} if args.relay else {}))
+    dashboard = None
     try:
         maddrs = order_maddrs([str(m) for m in dht.get_visible_maddrs()], args.host)
         public = [m for m in maddrs if m.split("/")[2] not in ("127.0.0.1", "::1")]
@@ -143,11 +170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.maddr_file:
             write_atomically(args.maddr_file, "".join(m + "\n" for m in maddrs))
         print("\n".join(maddrs), flush=True)
+        if args.dashboard is not None:
+            dashboard = serve_dashboard(parser, dht, args.dashboard_host, args.dashboard)
         logger.info("DHT node %s running; stop with Ctrl-C or SIGTERM", dht.peer_id)
         while not stop.wait(timeout=1.0):  # a timed wait keeps the main thread responsive to signals
             pass
         logger.info("shutting down")
     finally:
+        if dashboard is not None:
+            dashboard.stop()
         dht.shutdown()
     return 0
 

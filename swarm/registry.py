@@ -3,6 +3,7 @@
 Keys (see DESIGN.md):
   "{model_id}.block.{i}"  subkey = peer id, value = that peer's PeerRecord (as a plain dict)
   "{model_id}.model"      subkey = announcer's DHT peer id, value = the ModelRecord
+  "swarmlm.models"        subkey = model_id, value = its ModelRecord (the index of every model)
 
 Everything read from the DHT is untrusted: any participant may store anything under
 any key. Readers therefore validate each value with pydantic and skip what fails,
@@ -94,6 +95,9 @@ class PeerRecord(BaseModel):
     # Behind NAT: libp2p circuit multiaddrs (".../p2p/RELAY/p2p-circuit/p2p/PEER") that carry
     # gRPC to this peer (swarm/reach); empty when `endpoint` is dialable directly.
     relays: tuple[str, ...] = Field(default=(), max_length=_MAX_RELAYS)
+    # Open inference sessions; tokens run through the span so far (a counter: readers take differences).
+    sessions: int = Field(default=0, ge=0)
+    tokens_served: int = Field(default=0, ge=0)
 
     @field_validator("endpoint")
     @classmethod
@@ -163,6 +167,10 @@ def block_key(model_id: str, index: int) -> str:
 
 def model_key(model_id: str) -> str:
     return f"{model_id}.model"
+
+
+# The index of models (the DHT cannot list its keys): subkey = model_id, value = its ModelRecord.
+MODELS_KEY = "swarmlm.models"
 
 
 # --- block records ------------------------------------------------------------------
@@ -299,26 +307,43 @@ def peers_by_id(records: dict[int, list[PeerRecord]] | Iterable[PeerRecord]) -> 
 
 
 def announce_model(dht: DHT, record: ModelRecord, expiration: float) -> bool:
-    """Store the model record; each announcer uses its own subkey, so one junk subkey hides nothing."""
-    return dht.store(model_key(record.model_id), record.model_dump(mode="json"), expiration,
-                     subkey=dht.peer_id.to_base58())
+    """Store the model record under its key, each announcer under its own subkey (so one junk
+    subkey hides nothing), and in the index of models (MODELS_KEY), in one DHT call.
+
+    Returns whether the model's own key was stored; the index is best effort (another peer of
+    the model may just have stored a later copy there)."""
+    key, subkey, value = model_key(record.model_id), dht.peer_id.to_base58(), record.model_dump(mode="json")
+    stored = dht.run_coroutine(partial(_store_many, keys=[key, MODELS_KEY], subkeys=[subkey, record.model_id],
+                                       values=[value, value], expiration=expiration))
+    return bool(stored.get((key, subkey)))
 
 
 def fetch_model(dht: DHT, model_id: str, latest: bool = True) -> ModelRecord | None:
     """The model's record, or None if nobody announces a valid one."""
-    entry = dht.get(model_key(model_id), latest=latest)
-    if entry is None or not isinstance(entry.value, dict):
-        return None
-    now = get_dht_time()
     # Newest first: if announcers disagree on e.g. version, the freshest wins.
+    for _, record in _model_records(dht.get(model_key(model_id), latest=latest), model_key(model_id)):
+        if record.model_id == model_id:
+            return record
+        logger.debug("skipping model record for %s under %s", record.model_id, model_key(model_id))
+    return None
+
+
+def fetch_models(dht: DHT, latest: bool = True) -> list[ModelRecord]:
+    """Every model the swarm's peers announce (the index under MODELS_KEY), one DHT call."""
+    entry = dht.run_coroutine(partial(_get_many, keys=[MODELS_KEY], latest=latest)).get(MODELS_KEY)
+    return sorted({r.model_id: r for subkey, r in _model_records(entry, MODELS_KEY) if r.model_id == subkey}.values(),
+                  key=lambda r: r.model_id)
+
+
+def _model_records(entry: Any, key: str) -> Iterable[tuple[Any, ModelRecord]]:
+    """(subkey, record) for the valid, unexpired ModelRecords of one DHT entry, newest first."""
+    if entry is None or not isinstance(entry.value, dict):
+        return
+    now = get_dht_time()
     for subkey, item in sorted(entry.value.items(), key=lambda kv: -kv[1].expiration_time):
         if item.expiration_time < now:
             continue
         try:
-            record = ModelRecord.model_validate(item.value)
-            if record.model_id == model_id:
-                return record
-            logger.debug("skipping model record for %s under %s", record.model_id, model_key(model_id))
+            yield subkey, ModelRecord.model_validate(item.value)
         except ValidationError as e:
-            logger.debug("skipping malformed model record under %s/%r: %s", model_key(model_id), subkey, e)
-    return None
+            logger.debug("skipping malformed model record under %s/%r: %s", key, subkey, e)

@@ -7,6 +7,7 @@ tests/integration/test_dht_node.py does the same against a real hivemind DHT.
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -164,9 +165,10 @@ class FakeNode:
 
 
 class FakeDHT:
-    def __init__(self) -> None:
+    def __init__(self, peer_id: str = "announcer") -> None:
         self.node = FakeNode()
         self.calls = 0
+        self.peer_id = SimpleNamespace(to_base58=lambda: peer_id)
 
     def run_coroutine(self, coro):
         self.calls += 1
@@ -239,3 +241,26 @@ def test_a_relayed_record_names_its_circuits_and_refuses_junk():
                  [circuit] * 5):
         with pytest.raises(ValueError):
             PeerRecord(**base, relays=junk)
+
+
+def test_models_are_listed_in_an_index_and_junk_there_is_skipped():
+    dht = FakeDHT()
+    smol = ModelRecord(model_name="SmolLM2-135M-Instruct", num_blocks=30, config_fingerprint="1a2b3c4d", version="1")
+    other = ModelRecord(model_name="gemma-3-270m", num_blocks=18, config_fingerprint="99887766", version="1")
+    now = get_dht_time()
+    assert registry.fetch_models(dht) == [] and dht.calls == 1
+    assert registry.announce_model(dht, smol, now + 30) and registry.announce_model(dht, other, now + 30)
+    assert dht.calls == 3  # the model's key and the index in one store each
+    index = dht.node.data[registry.MODELS_KEY]
+    index["liar-12345678"] = ValueWithExpiration(smol.model_dump(mode="json"), now + 30)  # not its subkey
+    index["junk"] = ValueWithExpiration({"num_blocks": -1}, now + 30)
+    index["old-12345678"] = ValueWithExpiration({**other.model_dump(mode="json"), "model_name": "old"}, now - 1)
+    assert registry.fetch_models(dht) == [other, smol]  # sorted by model_id
+
+
+def test_records_of_older_peers_have_no_load_counters():
+    old = PeerRecord.model_validate(peer_dict())
+    assert (old.sessions, old.tokens_served) == (0, 0)
+    for bad in (dict(sessions=-1), dict(tokens_served=-5)):
+        with pytest.raises(ValidationError):
+            PeerRecord(**peer_dict(**bad))
