@@ -38,13 +38,15 @@ class ServerOptions:
     ping_seconds: float = 15.0  # SSE keep-alive comments on a stream that is waiting for a token
 
 
-def create_app(catalog: Catalog, options: ServerOptions | None = None) -> Starlette:
+def create_app(catalog: Catalog, options: ServerOptions | None = None, extra_routes: list | None = None) -> Starlette:
+    """`extra_routes` go after the API's own (`swarm api` adds the dashboard's at /)."""
     api = OpenAICompatibleApi(catalog, options or ServerOptions())
     routes = [
         Route("/v1/models", api.list_models, methods=["GET"]),
         Route("/v1/models/{name:path}", api.get_model, methods=["GET"]),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
+        *(extra_routes or []),
     ]
     handlers = {ApiError: _api_error, HTTPException: _http_error}
     return Starlette(routes=routes, exception_handlers=handlers)
