@@ -175,7 +175,6 @@ QUESTIONS = ["Say hi.", "Name a color.", "Count to five.", "What is 2+2?", "Writ
              "Who wrote Hamlet?", "Give me a fruit.", "What is the capital of France?"]
 
 
-@pytest.mark.compat
 def test_eight_concurrent_requests_each_get_their_own_answer(api, swarm, local, tokenizer):
     expected = [tokenizer.decode(reference(local, tokenizer, q, 8)[1], skip_special_tokens=True) for q in QUESTIONS]
     before = step_batches(swarm)
