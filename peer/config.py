@@ -53,5 +53,9 @@ class PeerConfig:
         return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
 
+def format_endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class PeerStartError(RuntimeError):
     """The peer cannot start as configured; the message says what to change."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from swarm.reach.probe import Prober, ask_all, peer_ids
 from swarm.reach.relayed import RelayedEndpoint
 
-from .config import PeerConfig
+from .config import PeerConfig, format_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +41,6 @@ class Reach:
             await self.relayed.shutdown()
 
 
-def _format(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _advice(port: int) -> str:
     return f"forward TCP port {port} to this machine and pass --public-host with your public address"
 
@@ -52,7 +48,7 @@ def _advice(port: int) -> str:
 async def find_reach(config: PeerConfig, dht, port: int) -> Reach:
     """Runs the probes (a few seconds at most when behind NAT) and answers others' from now on."""
     public_port = config.public_port or port
-    configured = _format(config.announced_host, public_port)
+    configured = format_endpoint(config.announced_host, public_port)
     if config.host in _LOOPBACK:
         return Reach(configured, f"reachable directly at {configured} (listening on loopback: this machine only)")
     p2p = await dht.replicate_p2p()
@@ -92,19 +88,17 @@ async def find_reach(config: PeerConfig, dht, port: int) -> Reach:
 
 
 async def _check_circuits(p2p, probers, relayed: RelayedEndpoint) -> list[str]:
-    """The circuits that some prober could dial back through, retried until the relays have
-    granted their reservations."""
-    deadline = time.monotonic() + RELAY_CHECK_SECONDS
-    working: list[str] = []
+    """The circuits some prober could dial back through, in the relays' order. Asked again
+    until every relay has granted its reservation, for RELAY_CHECK_SECONDS at most, or half
+    that once one circuit works."""
+    started, working = time.monotonic(), set()
     while True:
         for circuit in relayed.circuits:
-            if circuit in working:
-                continue
-            answers = await ask_all(p2p, probers, {"reach_id": relayed.reach_id, "circuits": [circuit]})
-            if any(answer.circuit_ok for answer in answers):
-                working.append(circuit)
-        if len(working) == len(relayed.circuits) or (working and time.monotonic() > deadline - RELAY_CHECK_SECONDS / 2):
+            if circuit not in working:
+                answers = await ask_all(p2p, probers, {"reach_id": relayed.reach_id, "circuits": [circuit]})
+                if any(answer.circuit_ok for answer in answers):
+                    working.add(circuit)
+        patience = RELAY_CHECK_SECONDS / 2 if working else RELAY_CHECK_SECONDS
+        if len(working) == len(relayed.circuits) or time.monotonic() - started > patience:
             return [c for c in relayed.circuits if c in working]
-        if time.monotonic() > deadline:
-            return working
         await asyncio.sleep(0.5)

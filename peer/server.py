@@ -39,7 +39,7 @@ from swarm.ready_line import PeerReady
 from swarm.registry import ModelRecord, PeerState
 
 from .balancer import Balancer, PlacementError
-from .config import PeerConfig, PeerStartError
+from .config import PeerConfig, PeerStartError, format_endpoint
 from .dht import start_dht
 from .reach import find_reach
 from .rpc_handlers import add_to_server
@@ -48,10 +48,6 @@ from .span_host import SpanHost
 from .span_switch import SpanSwitch
 
 logger = logging.getLogger(__name__)
-
-def format_endpoint(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
 
 def run_peer(config: PeerConfig, checkpoint: Checkpoint, on_ready: Callable[[str], None]) -> int:
     """Serves until SIGINT/SIGTERM; returns the exit code. `on_ready` gets the lines for stdout:

@@ -30,6 +30,7 @@ from hivemind.utils import get_dht_time
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .dtypes import COMPUTE_DTYPES
+from .reach.circuits import circuit_peer
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ _MODEL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,79}$")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 DType = Literal[COMPUTE_DTYPES]
 _MAX_RELAYS = 4
-_CIRCUIT_RE = re.compile(r"(/[A-Za-z0-9.:_-]+)+/p2p/\w+/p2p-circuit/p2p/\w+")
 
 
 class PeerState(str, enum.Enum):
@@ -108,9 +108,9 @@ class PeerRecord(BaseModel):
     @classmethod
     def _relays(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for maddr in value:
-            if len(maddr) > _MAX_STR or not _CIRCUIT_RE.fullmatch(maddr):
+            if len(maddr) > _MAX_STR or circuit_peer(maddr) is None:
                 raise ValueError(f"relay {maddr[:80]!r} is not a circuit multiaddr '.../p2p/RELAY/p2p-circuit/p2p/PEER'")
-        if len({m.rsplit("/p2p/", 1)[1] for m in value}) > 1:
+        if len({circuit_peer(m) for m in value}) > 1:
             raise ValueError("relays name more than one peer")
         return value
 

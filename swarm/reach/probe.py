@@ -24,11 +24,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 
+import varint  # hivemind's own dependency, which its multiaddr copy uses
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
+
+from .circuits import circuit_peer
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,6 @@ CIRCUIT_SECONDS = 6.0
 MAX_LINE = 8192
 MAX_PORTS = 4
 MAX_CIRCUITS = 4
-_CIRCUIT_RE = re.compile(r"(/[A-Za-z0-9.:_-]+)+/p2p/\w+/p2p-circuit/p2p/(\w+)")
 
 
 @dataclass
@@ -62,15 +63,6 @@ def observed_ip(addr: Multiaddr | str | None) -> str | None:
     return parts[2]
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 class DaemonMaddr:
     """A multiaddr as the libp2p daemon reads it. hivemind's copy of py-multiaddr writes /p2p/
     values as CIDs, and the daemon wants bare multihashes: it refuses a circuit address so
@@ -87,7 +79,7 @@ class DaemonMaddr:
         for part in peers:
             peer, _, rest = part.partition("/")
             digest = PeerID.from_base58(peer).to_bytes()
-            out += _varint(self._P2P) + _varint(len(digest)) + digest
+            out += varint.encode(self._P2P) + varint.encode(len(digest)) + digest
             if rest:
                 out += Multiaddr("/" + rest).to_bytes()
         return out
@@ -157,7 +149,7 @@ class Prober:
         reach_id, circuits = request.get("reach_id"), request.get("circuits")
         if isinstance(reach_id, str) and isinstance(circuits, list):
             named = [c for c in circuits[:MAX_CIRCUITS] if isinstance(c, str) and len(c) <= 256
-                     and (m := _CIRCUIT_RE.fullmatch(c)) and m.group(2) == reach_id]
+                     and circuit_peer(c) == reach_id]
             answer["circuit_ok"] = bool(named) and await ping_through(self.p2p, reach_id, named)
         return answer
 

@@ -25,6 +25,7 @@ from typing import Awaitable, Callable
 from hivemind.p2p import P2P, PeerID
 
 from . import punch
+from .circuits import circuit_peer
 from .probe import CIRCUIT_SECONDS, GRPC, DaemonMaddr, ask_all
 from .splice import splice
 
@@ -41,6 +42,10 @@ class _Tunnel:
         self.punched_bytes = [0]
         self.paths: list[str] = []  # "punched" or "relayed", per connection carried
 
+    def put_last(self, circuit: str) -> None:
+        """`circuit` failed: it is tried after every other from now on."""
+        self.failed = [c for c in self.failed if c != circuit] + [circuit]
+
     def order(self) -> list[str]:
         fresh = [c for c in self.circuits if c not in self.failed]
         return fresh + [c for c in self.failed if c in self.circuits]
@@ -56,8 +61,7 @@ class Tunnels:
         self._asked_ip = False
         self._p2p: P2P | None = None
         self._p2p_ready: asyncio.Lock | None = None
-        self._loop = asyncio.new_event_loop()
-        threading.Thread(target=self._loop.run_forever, daemon=True, name="reach-tunnels").start()
+        self._loop: asyncio.AbstractEventLoop | None = None  # started with the first tunnel: most clients need none
         self._by_peer: dict[str, _Tunnel] = {}
         self._by_endpoint: dict[str, _Tunnel] = {}
         self._lock = threading.Lock()
@@ -66,6 +70,9 @@ class Tunnels:
         with self._lock:
             tunnel = self._by_peer.get(reach_id)
             if tunnel is None:
+                if self._loop is None:
+                    self._loop = asyncio.new_event_loop()
+                    threading.Thread(target=self._loop.run_forever, daemon=True, name="reach-tunnels").start()
                 tunnel = _Tunnel(reach_id, circuits)
                 tunnel.port = asyncio.run_coroutine_threadsafe(self._listen(tunnel), self._loop).result(10)
                 self._by_peer[reach_id] = tunnel
@@ -81,8 +88,7 @@ class Tunnels:
         tunnel = self._by_endpoint.get(endpoint)
         if tunnel is None or tunnel.current is None:
             return False
-        failed = tunnel.current
-        tunnel.failed = [c for c in tunnel.failed if c != failed] + [failed]
+        tunnel.put_last(tunnel.current)
         tunnel.current = None
         return len(tunnel.circuits) > 1
 
@@ -137,7 +143,7 @@ class Tunnels:
                     self._p2p.call_binary_stream_handler(peer, GRPC), CIRCUIT_SECONDS)
             except Exception as e:  # noqa: BLE001 - this relay does not work now: try the next
                 logger.info("cannot reach %s through %s: %s", tunnel.reach_id[:16], circuit, e)
-                tunnel.failed = [c for c in tunnel.failed if c != circuit] + [circuit]
+                tunnel.put_last(circuit)
                 continue
             tunnel.current = circuit
             tunnel.paths.append("relayed")
@@ -172,7 +178,7 @@ def dial_target(record) -> str:
     if _tunnels is None:
         raise RuntimeError(f"peer {record.peer_id[:16]} is behind NAT, and this process has no libp2p "
                            "daemon to reach it (install one with swarm.reach.tunnels.install)")
-    return _tunnels.endpoint(record.relays[0].rsplit("/p2p/", 1)[1], tuple(record.relays))
+    return _tunnels.endpoint(circuit_peer(record.relays[0]), tuple(record.relays))
 
 
 def route_failed(endpoint: str) -> bool:

@@ -78,8 +78,14 @@ class Catalog:
         """The served models whose blocks are all served by some peer now."""
         return [s for s in self.served.values() if not s.missing_blocks()]
 
+    @property
+    def dht(self):
+        """The server's one DHT node: the first model's, which the others share (None: no model)."""
+        first = next(iter(self.served.values()), None)
+        return first.model.swarm.dht if first is not None else None
+
     def close(self) -> None:
-        """Leaves the swarm (the DHT node belongs to the first model; the others share it)."""
+        """Leaves the swarm (shuts that DHT node down)."""
         first = next(iter(self.served.values()), None)
         if first is not None:
             first.model.swarm.shutdown()

@@ -110,9 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from swarm.dashboard import routes as dashboard_routes
 
-        dht = next(iter(catalog.served.values())).model.swarm.dht  # every model shares the first one's
         app = create_app(catalog, ServerOptions(default_max_tokens=args.default_max_tokens),
-                         extra_routes=dashboard_routes(dht, api=True))
+                         extra_routes=dashboard_routes(catalog.dht, api=True))
         host, port = sock.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
         print(READY_LINE.format(models=", ".join(catalog.served), url=url), flush=True)
