@@ -12,6 +12,7 @@ from swarm.wire import deserialize_tensor, serialize_tensor, swarm_pb2
 from . import messages
 from .remote_swarm import RemoteSwarm
 from .routing import Hop
+from .call_check import check_backward, check_forward
 from .transport import PeerCallError, PeerConnection
 from .tuning import TuningPayload
 
@@ -26,17 +27,18 @@ class _Call:
     tuning: TuningPayload
     backward_follows: bool = False  # ask each peer to keep its forward graph for our Backward
 
-    def forward_request(self, hop: Hop, hidden: swarm_pb2.Tensor) -> swarm_pb2.ForwardRequest:
+    def forward_request(self, hop: Hop, hidden: swarm_pb2.Tensor, keep_graph: bool | None = None
+                        ) -> swarm_pb2.ForwardRequest:
         inputs = messages.span_inputs(self.swarm.model_id, hop, hidden, self.attention_mask, self.position_ids,
                                       self.tuning, self.swarm.settings.codec)
-        return messages.forward_request(inputs, self.backward_follows)
+        return messages.forward_request(inputs, self.backward_follows if keep_graph is None else keep_graph)
 
     def give_up(self, error: PeerCallError, failures: int) -> bool:
         return not self.swarm.retry_after(error, failures)
 
 
 def _forward_range(call: _Call, start: int, end: int, hidden: swarm_pb2.Tensor, chain: list[Hop] | None = None,
-                   failures: int = 0) -> tuple[swarm_pb2.Tensor, list[tuple[str, swarm_pb2.ForwardRequest]]]:
+                   failures: int = 0) -> tuple[swarm_pb2.Tensor, list[tuple[Hop, swarm_pb2.ForwardRequest]]]:
     """Blocks [start, end) on a chain of peers; a failed hop is redone on other peers.
     Returns the output and the requests that succeeded with their peers (what Backward
     will send again, naming the graph each peer kept)."""
@@ -46,6 +48,8 @@ def _forward_range(call: _Call, start: int, end: int, hidden: swarm_pb2.Tensor, 
         request = call.forward_request(hop, hidden)
         try:
             hidden = PeerConnection.to(hop.endpoint).forward(request, call.swarm.settings.request_timeout).hidden_states
+            if call.swarm.verifier is not None:
+                check_forward(call, hop, request, hidden)  # raises WrongOutputs
         except PeerCallError as e:
             if call.give_up(e, failures + 1):
                 raise
@@ -53,7 +57,7 @@ def _forward_range(call: _Call, start: int, end: int, hidden: swarm_pb2.Tensor, 
                                             failures=failures + 1)
             sent += redone
             continue
-        sent.append((hop.endpoint, request))
+        sent.append((hop, request))
     return hidden, sent
 
 
@@ -79,15 +83,17 @@ class _GradSink:
         return flat
 
 
-def _backward_requests(call: _Call, sent: list[tuple[str, swarm_pb2.ForwardRequest]], grad: swarm_pb2.Tensor,
+def _backward_requests(call: _Call, sent: list[tuple[Hop, swarm_pb2.ForwardRequest]], grad: swarm_pb2.Tensor,
                        sink: _GradSink, failures: int = 0) -> swarm_pb2.Tensor:
     """Backward through the hops that served `sent`, in reverse. A failed hop's blocks are
     recomputed on other peers (forward to rebuild their inputs, then backward)."""
-    for endpoint, forward in reversed(sent):
+    for hop, forward in reversed(sent):
         inputs = forward.inputs
         try:
-            response = PeerConnection.to(endpoint).backward(messages.backward_request(forward, grad),
+            response = PeerConnection.to(hop.endpoint).backward(messages.backward_request(forward, grad),
                                                             call.swarm.settings.request_timeout)
+            if call.swarm.verifier is not None:
+                check_backward(call, hop, forward, grad, response)  # raises WrongOutputs
         except PeerCallError as e:
             if call.give_up(e, failures + 1):
                 raise

@@ -11,6 +11,7 @@ import grpc
 import hivemind
 
 from swarm.dht_process import OwnedDHT
+from swarm.flags import FlagsView
 from swarm.initial_peers import explained_join
 from swarm.reach import tunnels
 from swarm.reach.probe import peer_ids
@@ -18,6 +19,7 @@ from swarm.registry import PeerRecord, PendingRecords, fetch_span_records, fetch
 
 from .routing import Hop, MissingBlocksError, RouteFinder
 from .transport import CLIENT_ERRORS, PeerCallError, PeerConnection
+from .verify import Verifier
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,9 @@ class SwarmSettings:
     max_failures: int = 3  # peer failures one step survives (each moves to other peers)
     allow_quantized: bool = True  # False: never route through peers serving quantized weights (--quant)
     push: bool = True  # inference steps go peer to peer where peers support it (False: via the client)
+    # Fraction of each peer's calls redone on a replica to catch wrong outputs (client/verify.py);
+    # a peer's first call of each kind is always checked. 0: no checks, nothing on the hot path.
+    verify: float = 0.0
 
 
 class RemoteSwarm:
@@ -62,6 +67,8 @@ class RemoteSwarm:
         self._records_time = 0.0
         self._fetching: PendingRecords | None = None  # a background fetch (see records_stale_ok)
         self._fetch_started = 0.0
+        self._flags = FlagsView(self.dht, model_id)
+        self.verifier = Verifier(self, self.settings.verify) if self.settings.verify else None
 
     def records(self, refresh: bool = False) -> dict[int, list[PeerRecord]]:
         """The model's records, fetched again when older than `records_ttl` (see `records_stale_ok`)."""
@@ -96,6 +103,7 @@ class RemoteSwarm:
         (peers that just started may not be in the DHT yet), then names them."""
         deadline = time.monotonic() + self.settings.wait_for_peers
         refresh = False
+        self.routes.flags = self._flags.counts()
         while True:
             try:
                 records = self.records(refresh=refresh)
@@ -134,6 +142,10 @@ class RemoteSwarm:
         self.ban_endpoint(error.endpoint)
         logger.warning("%s; retrying on other peers", error)
         return True
+
+    def flag(self, peer_id: str, reason: str) -> None:
+        """Tells other clients, through the DHT, that this peer returned wrong outputs."""
+        self._flags.store(peer_id, reason)
 
     def shutdown(self) -> None:
         self.dht.shutdown()

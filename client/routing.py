@@ -13,7 +13,8 @@ measured through its whole span.
   draw expected to take more than TRAINING_SLACK x the cheapest chain is replaced by the
   cheapest (a far-away or overloaded replica never slows a training step much).
 
-Peers that failed recently, or did not answer a ping, are left out for a while.
+Peers that failed recently, or did not answer a ping, are left out for a while; peers caught
+lying (client/verify.py), for good. Peers other clients flagged in the DHT cost more.
 """
 
 from __future__ import annotations
@@ -157,8 +158,11 @@ class RouteFinder:
         self.rtt = RttTable()
         self.rng = rng or random.Random()
 
-    def ban(self, peer_id: str) -> None:
-        self._banned_until[peer_id] = time.monotonic() + self.ban_seconds
+        self.flags: dict[str, int] = {}  # peer id -> clients that flagged it in the DHT (swarm/flags.py)
+
+    def ban(self, peer_id: str, seconds: float | None = None) -> None:
+        """Leave the peer out for `seconds` (default: ban_seconds; inf: for good)."""
+        self._banned_until[peer_id] = time.monotonic() + (self.ban_seconds if seconds is None else seconds)
 
     def usable(self, record: PeerRecord) -> bool:
         return (record.state == PeerState.online and self._banned_until.get(record.peer_id, 0) < time.monotonic()
@@ -175,6 +179,15 @@ class RouteFinder:
         return (f"; blocks {format_blocks(refused)} are served only by quantized peers (swarm peer --quant), "
                 "which this client refuses: allow them with SwarmSettings(allow_quantized=True)")
 
+    def _banned_hint(self, records: dict[int, list[PeerRecord]], blocks: list[int]) -> str:
+        now = time.monotonic()
+        left_out = {r.peer_id for i in blocks for r in records.get(i, [])
+                    if r.state == PeerState.online and self._banned_until.get(r.peer_id, 0) >= now}
+        if not left_out:
+            return ""
+        return (f"; {len(left_out)} peer(s) serving them are left out for now: they failed, or returned outputs "
+                "that other peers disagreed with")
+
     def candidates(self, records: dict[int, list[PeerRecord]]) -> list[PeerRecord]:
         peers = {r.peer_id: r for rs in records.values() for r in rs if self.usable(r)}
         return list(peers.values())
@@ -189,18 +202,23 @@ class RouteFinder:
         the span's share [start, end) takes that share of 1 / throughput."""
         rtt = self.rtt.get(dial_target(record), DEFAULT_HOP_SECONDS)
         compute = (end - start) / (record.end - record.start) / max(record.throughput, 1e-3)
-        return rtt + compute
+        return (rtt + compute) * (1 + self.flags.get(record.peer_id, 0))
 
     def find_chain(self, records: dict[int, list[PeerRecord]], start: int = 0, end: int | None = None,
-                   randomize: bool = False) -> list[Hop]:
+                   randomize: bool = False, exclude: frozenset[str] = frozenset(), quant: str | None = None
+                   ) -> list[Hop]:
         """The cheapest chain over [start, end), or with `randomize` one drawn for a training
         call (see the module's doc). A peer may serve part of a chain only on its exact span
-        boundaries (peers serve their whole span)."""
+        boundaries (peers serve their whole span). `exclude`: peer ids to leave out; `quant`:
+        only peers of that kind (a verifier's replica of a peer, client/verify.py)."""
         end = self.num_blocks if end is None else end
+        if exclude or quant is not None:
+            records = {i: [r for r in rs if r.peer_id not in exclude and quant in (None, r.quant)]
+                       for i, rs in records.items()}
         missing = self.missing_blocks(records, start, end)
         if missing:
             raise MissingBlocksError(self.model_id, missing, self.num_blocks,
-                                     self.quantized_only_hint(records, missing))
+                                     self.quantized_only_hint(records, missing) + self._banned_hint(records, missing))
         edges = [(p.start, p.end, self.hop_cost(p, p.start, p.end), p) for p in self.candidates(records)
                  if start <= p.start and p.end <= end]
         best = _cheapest(edges, start, end)

@@ -25,8 +25,11 @@ from swarm.wire import deserialize_tensor, swarm_pb2
 from . import messages
 from .remote_swarm import RemoteSwarm
 from .routing import Hop
+from .replay import replay
+from .session_check import Mirror, check_hop
 from .transport import InferenceStream, PeerCallError, PeerConnection
 from .tuning import TuningPayload
+from .verify import WrongOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,16 @@ class _OpenHop:
     stream: InferenceStream
     history: list[swarm_pb2.InferenceStep] = field(default_factory=list)
     push_failed: bool = False  # one of its pushes failed: from then on the client feeds the next hop
+    # With verification (client/verify.py): its answers since the last check, and the replica's
+    # session that checks them (client/session_check.py).
+    unchecked: list[swarm_pb2.Tensor] = field(default_factory=list)
+    mirror: Mirror | None = None
+
+    def close(self) -> None:
+        self.stream.close()
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
 
 
 class InferenceSession:
@@ -89,14 +102,15 @@ class InferenceSession:
         """Steps sent so far (each peer of the chain ran every one of them)."""
         return self._step_id
 
-    def _open_hops(self, chain: list[Hop]) -> list[_OpenHop]:
-        """The session opened on every hop of `chain` at once: each peer reserves its cache
-        while the others do, instead of one round trip after another."""
+    def _open_hops(self, chain: list[Hop], session_id: str | None = None) -> list[_OpenHop]:
+        """The session (or another one, `session_id`) opened on every hop of `chain` at once:
+        each peer reserves its cache while the others do, instead of one round trip after another."""
         settings, streams = self.swarm.settings, []
         try:
             for hop in chain:
-                open_msg = messages.inference_open(self.swarm.model_id, self.session_id, hop, self.max_length,
-                                                   self.batch_size, self.dtype, settings.codec, self.tuning)
+                open_msg = messages.inference_open(self.swarm.model_id, session_id or self.session_id, hop,
+                                                   self.max_length, self.batch_size, self.dtype, settings.codec,
+                                                   self.tuning)
                 streams.append(PeerConnection.to(hop.endpoint).start_inference(open_msg, settings.request_timeout))
             for stream in streams:
                 stream.wait_open()
@@ -161,6 +175,17 @@ class InferenceSession:
                 if fed[index] is None:
                     self._feed(index, step, inputs, fed)
                 answer = self._answer(index, step, inputs, fed)
+                self._hops[index].history.append(messages.step_as_sent(step, inputs))
+                if self.swarm.verifier is not None:
+                    check_hop(self, self._hops[index], answer.hidden_states)  # raises WrongOutputs
+            except WrongOutputs as e:
+                failures += 1
+                if not self.swarm.retry_after(e, failures):
+                    raise
+                # Every hop after the liar has cached what its lies led to: all are rebuilt.
+                self._restart()
+                inputs, index, fed = step.hidden_states, 0, [None] * len(self._hops)
+                continue
             except PeerCallError as e:
                 failures += 1
                 if not self.swarm.retry_after(e, failures):
@@ -172,7 +197,6 @@ class InferenceSession:
                 # before failing): they drop a second copy, and their answers are waiting.
                 fed = fed[:index] + [None] * (len(self._hops) - index)
                 continue
-            self._hops[index].history.append(messages.step_as_sent(step, inputs))
             inputs = answer.hidden_states
             index += 1
         return inputs
@@ -227,22 +251,28 @@ class InferenceSession:
         """Rebuilds the failed hop's blocks on another chain: replays every step it was sent,
         from the client (the hops after it hold those steps already)."""
         failed = self._hops[index]
-        failed.stream.close()
-        chain = self.swarm.find_chain(failed.hop.start, failed.hop.end)
-        replacement = self._open_hops(chain)
-        for past in failed.history:
-            inputs = past.hidden_states
-            for open_hop in replacement:
-                step = messages.step_as_sent(past, inputs)
-                inputs = open_hop.stream.step(step).hidden_states
-                open_hop.history.append(step)
+        failed.close()
+        replacement = self._open_hops(self.swarm.find_chain(failed.hop.start, failed.hop.end))
+        replay(replacement, failed.history)
         self._hops[index:index + 1] = replacement
+
+    def _restart(self) -> None:
+        """The whole chain rebuilt on other peers (the liar is banned by now) under a new session
+        id, from the steps the client sent before the current one."""
+        past = self._hops[0].history[:-1]  # the first hop has recorded the current step, the last one
+        for open_hop in self._hops:
+            open_hop.close()
+        self.session_id = uuid.uuid4().hex
+        logger.warning("rebuilding session %s (%d steps) on other peers", self.session_id, len(past))
+        self._hops = self._open_hops(self.swarm.find_chain())
+        replay(self._hops, past)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             for open_hop in self._hops:
-                open_hop.stream.close()
+                open_hop.close()
+
 
 
 def _counting_from(position_ids: torch.Tensor, start: int, new: int) -> bool:

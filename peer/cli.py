@@ -17,6 +17,7 @@ from swarm.initial_peers import initial_peers_argument
 from swarm.named_models import DEFAULT_MODEL  # no torch: --help stays instant
 
 from .config import PeerConfig, PeerLimits, PeerStartError
+from .lying import check_lie_spec
 
 MB = 1024 * 1024
 
@@ -158,7 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "0: never wait (default: %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="stderr log level (default: %(default)s)")
+    # For tests of verification only, so not in --help: a peer that returns wrong outputs.
+    p.add_argument("--lie", type=_lie_spec, help=argparse.SUPPRESS)
+    p.add_argument("--lie-scale", type=_positive(float), default=0.5, help=argparse.SUPPRESS)
+    p.add_argument("--lie-seed", type=int, default=0, help=argparse.SUPPRESS)
     return p
+
+
+def _lie_spec(text: str) -> str:
+    try:
+        return check_lie_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
 
 def _fail(message: str) -> int:
@@ -227,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads=args.threads, decode_threads=args.decode_threads, join_wait_ms=max(0.0, args.join_wait_ms),
         announce_period=args.announce_period,
         blocks_wanted=args.num_blocks, balance_period=args.balance_period,
+        lie=args.lie, lie_scale=args.lie_scale, lie_seed=args.lie_seed,
     )
 
     from .server import run_peer

@@ -28,15 +28,18 @@ from swarm.span_graph import SpanGraph
 from swarm.wire import serialize_tensor, swarm_pb2
 
 from .kept_graphs import KeptGraphs
+from .lying import Liar
 from .requests import InferenceStep, SpanCall
 
 
 class SpanCompute:
     """The span's work for each kind of request; every method runs on the compute thread."""
 
-    def __init__(self, span: BlockSpan, kept: KeptGraphs, make_way: Callable[[], object] | None = None) -> None:
-        """`make_way`: called between two blocks of a training call (the runtime's `make_way`)."""
-        self.span, self.kept, self.make_way = span, kept, make_way
+    def __init__(self, span: BlockSpan, kept: KeptGraphs, make_way: Callable[[], object] | None = None,
+                 liar: Liar | None = None) -> None:
+        """`make_way`: called between two blocks of a training call (the runtime's `make_way`).
+        `liar`: tests only (peer/lying.py), perturbs what this peer returns."""
+        self.span, self.kept, self.make_way, self.liar = span, kept, make_way, liar
         self.backwards_kept = self.backwards_recomputed = 0  # how Backward calls were answered
         self.step_batches: Counter[int] = Counter()  # sessions per forward pass of decode steps -> passes
         self.training_pieces = 0
@@ -54,6 +57,8 @@ class SpanCompute:
         else:
             with torch.no_grad():
                 hidden = self.span.forward(call.inputs, self._between_blocks)
+        if self.liar is not None:
+            hidden = self.liar.distort(hidden)
         return serialize_tensor(hidden.to(call.client_dtype), call.response_codec)
 
     def backward(self, call: SpanCall, grad_outputs: torch.Tensor, adapter_msgs,
@@ -66,8 +71,8 @@ class SpanCompute:
             self.backwards_recomputed += 1
             grads = self.span.backward(call.inputs, grad_outputs, self._between_blocks)
         codec = call.response_codec
-        response = swarm_pb2.BackwardResponse(
-            grad_hidden_states=serialize_tensor(grads.hidden_states.to(call.client_dtype), codec))
+        grad_inputs = grads.hidden_states if self.liar is None else self.liar.distort(grads.hidden_states)
+        response = swarm_pb2.BackwardResponse(grad_hidden_states=serialize_tensor(grad_inputs.to(call.client_dtype), codec))
         if grads.deep_prompts is not None:
             response.grad_deep_prompts.CopyFrom(serialize_tensor(grads.deep_prompts, codec))
         for msg, tensors in zip(adapter_msgs, grads.adapters):
@@ -98,6 +103,8 @@ class SpanCompute:
                 answers.append(hidden)
                 continue
             encoding = time.perf_counter()
+            if self.liar is not None:
+                hidden = self.liar.distort(hidden)
             encoded = serialize_tensor(hidden.to(step.client_dtype), codec)
             answers.append((encoded, computed - started, time.perf_counter() - encoding))
         return answers

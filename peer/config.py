@@ -45,6 +45,10 @@ class PeerConfig:
     # model's num_blocks (its total) nor a span's length.
     blocks_wanted: int | None = None
     balance_period: float = 60.0  # with blocks_wanted: seconds between checks whether to move; 0: never move
+    # Tests of verification only (peer/lying.py): when to return perturbed outputs, how much, seed.
+    lie: str | None = None
+    lie_scale: float = 0.5
+    lie_seed: int = 0
 
     @property
     def announced_host(self) -> str:

@@ -29,6 +29,7 @@ from swarm.wire import swarm_pb2, swarm_pb2_grpc
 from .compute import SpanCompute
 from .config import PeerLimits
 from .kept_graphs import DEFAULT_BACKWARD_MEMORY, KeptGraphs
+from .lying import Liar
 from .memory import CacheBudget
 from .push import PUSH_CAPABILITY, PushRejected, PushRouter
 from .requests import RequestDecoder, SpanCall, decode, tensor_bytes
@@ -53,12 +54,13 @@ class ServedModel:
 
 class BlockService(swarm_pb2_grpc.BlockServiceServicer):
     def __init__(self, span: BlockSpan, served: ServedModel, runtime: ComputeRuntime, budget: CacheBudget,
-                 limits: PeerLimits, session_timeout: float, kept: KeptGraphs | None = None) -> None:
+                 limits: PeerLimits, session_timeout: float, kept: KeptGraphs | None = None,
+                 liar: Liar | None = None) -> None:
         self.span, self.served, self.runtime, self.budget = span, served, runtime, budget
         self.kept = KeptGraphs(DEFAULT_BACKWARD_MEMORY) if kept is None else kept
         self.limits, self.session_timeout = limits, session_timeout
         self.decoder = RequestDecoder(span, served.model_id, limits)
-        self.compute = SpanCompute(span, self.kept, runtime.make_way)
+        self.compute = SpanCompute(span, self.kept, runtime.make_way, liar)
         self.pushes = PushRouter()
         self.sessions = InferenceSessions(span, self.decoder, self.compute, runtime, budget, self.pushes,
                                           session_timeout)

@@ -26,6 +26,7 @@ from swarm.registry import ModelRecord, PeerRecord, PeerState, fetch_span_record
 from .announcer import Announcer
 from .config import PeerConfig
 from .kept_graphs import KeptGraphs
+from .lying import Liar
 from .memory import CacheBudget, bytes_per_token
 from .placement import departed
 from .runtime import ComputeRuntime
@@ -106,6 +107,8 @@ class SpanHost:
         if not loading.done():
             return False
         span, self.throughput = loading.result()
+        if config.lie:
+            self.throughput *= 10  # a liar advertises speed, to draw the traffic it wants to spoil
         logger.info("throughput: %.1f tokens/s (single-token steps, batch 1)", self.throughput)
         served = ServedModel(model_id=self.model.model_id, model_name=self.checkpoint.name,
                              num_blocks=self.model.num_blocks, throughput=self.throughput, quant=config.quant)
@@ -115,7 +118,8 @@ class SpanHost:
                     config.cache_tokens * per_token / 2**20)
         self.span = span
         self.service = BlockService(span, served, self.runtime, budget, config.limits, config.session_timeout,
-                                    kept=KeptGraphs(config.backward_memory_mb * 2**20))
+                                    kept=KeptGraphs(config.backward_memory_mb * 2**20),
+                                    liar=Liar(config.lie, config.lie_scale, config.lie_seed) if config.lie else None)
         self.switch.serve(self.service)
         return True
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from swarm.initial_peers import exit_if_not_joined, initial_peers_argument
 from swarm.named_models import DEFAULT_MODEL  # no torch: --help and argument errors stay instant
 
+from .swarm_options import add_verify
+
 MODES = ("ptune", "deep_ptune", "embeddings", "lora", "ia3", "prefix", "bottleneck", "none")
 DEFAULT_LR = {"ptune": 1e-2, "deep_ptune": 1e-2, "embeddings": 1e-4, "lora": 1e-3, "ia3": 1e-2, "prefix": 1e-2,
               "bottleneck": 1e-3, "none": 1e-5}
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=256, metavar="TOKENS", help="truncate each example to this many tokens (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and dropout (default 0)")
     parser.add_argument("--save-every", type=int, default=25, metavar="N", help="save every N steps, and at the end (default 25)")
+    add_verify(parser)
     return parser
 
 
@@ -182,14 +185,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     out.mkdir(parents=True, exist_ok=True)
 
-    from client import AutoDistributedModelForCausalLM  # only now: transformers takes seconds to import
+    from client import AutoDistributedModelForCausalLM, SwarmSettings  # only now: transformers takes seconds to import
 
     torch.manual_seed(args.seed)  # the initial soft prompts / LoRA A draw from it
     with exit_if_not_joined(parser.prog):
         model = AutoDistributedModelForCausalLM.from_pretrained(
             args.model, initial_peers=peers, tuning_mode=tuning_modes(args), pre_seq_len=args.pre_seq_len,
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-            lora_targets=setup.get("lora_targets"))
+            lora_targets=setup.get("lora_targets"), settings=SwarmSettings(verify=args.verify))
     try:
         if model.tokenizer is None:
             print(f"swarm finetune: error: {args.model} has no tokenizer to read the data with", file=sys.stderr)

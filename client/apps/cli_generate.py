@@ -10,6 +10,8 @@ import time
 from swarm.initial_peers import exit_if_not_joined, initial_peers_argument
 from swarm.named_models import DEFAULT_MODEL  # no torch: --help and argument errors stay instant
 
+from .swarm_options import add_verify
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--full-precision", action="store_true",
                         help="use only peers that serve unquantized weights, never those started with "
                         "`swarm peer --quant`; fails naming the blocks only quantized peers serve")
+    add_verify(parser)
     return parser
 
 
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from client import AutoDistributedModelForCausalLM, SwarmSettings
 
-    settings = SwarmSettings(codec=args.codec, allow_quantized=not args.full_precision)
+    settings = SwarmSettings(codec=args.codec, allow_quantized=not args.full_precision, verify=args.verify)
     with exit_if_not_joined(parser.prog):
         model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=peers, settings=settings)
     tokenizer = model.tokenizer

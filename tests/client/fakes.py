@@ -2,11 +2,14 @@
 pings answered at once), and peers that answer in-process instead of over gRPC.
 
 A fake peer's blocks add (end - start) to the hidden states, so an output says which blocks
-ran: through blocks [0, 30) the hidden states grow by 30, whatever the chain."""
+ran: through blocks [0, 30) the hidden states grow by 30, whatever the chain. A lying one
+(`FakePeers.liars`) adds LIE more."""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
+from types import SimpleNamespace
 
 import grpc
 import torch
@@ -18,6 +21,7 @@ from swarm.registry import PeerRecord, PeerState
 from swarm.wire import deserialize_tensor, serialize_tensor, swarm_pb2
 
 MODEL_ID = "m-ab12cd34"
+LIE = 1000.0  # what a lying fake peer adds to its answers
 
 
 def peer(name: str, start: int, end: int, throughput: float = 100.0, port: int | None = None) -> PeerRecord:
@@ -30,10 +34,30 @@ def by_block(*peers: PeerRecord, num_blocks: int = 30) -> dict[int, list[PeerRec
     return {i: [p for p in peers if i in p.span] for i in range(num_blocks)}
 
 
+class FlagsDHT:
+    """A DHT that holds only the flags clients store (swarm/flags.py): records come from elsewhere."""
+
+    def __init__(self) -> None:
+        self.flags: dict[str, dict] = {}  # subkey -> value
+
+    def get(self, key: str, latest: bool = False, return_future: bool = False):
+        entry = SimpleNamespace(value={k: SimpleNamespace(value=v, expiration_time=float("inf"))
+                                       for k, v in self.flags.items()}) if self.flags else None
+        if not return_future:
+            return entry
+        future = Future()
+        future.set_result(entry)
+        return future
+
+    def store(self, key: str, value, expiration_time: float, subkey=None, return_future: bool = False):
+        self.flags[subkey] = value
+
+
 def swarm_of(monkeypatch, *peers: PeerRecord, **settings) -> RemoteSwarm:
     """A RemoteSwarm whose DHT records are `peers` and whose pings all take 1 ms."""
     monkeypatch.setattr(remote_swarm, "ping", lambda endpoint, timeout: 0.001)
-    swarm = RemoteSwarm([], MODEL_ID, 30, SwarmSettings(records_ttl=1e9, wait_for_peers=0.0, **settings), dht=object())
+    swarm = RemoteSwarm([], MODEL_ID, 30, SwarmSettings(records_ttl=1e9, wait_for_peers=0.0, **settings),
+                        dht=FlagsDHT())
     swarm._records, swarm._records_time = by_block(*peers), time.monotonic()
     return swarm
 
@@ -50,6 +74,7 @@ class FakePeers:
     def __init__(self, supports_push: bool = True):
         self.supports_push = supports_push
         self.dead: set[str] = set()
+        self.liars: set[str] = set()  # endpoints whose every answer is off by LIE
         self.pushes_fail: set[str] = set()
         self.streams: dict[str, list[FakeStream]] = {}  # endpoint -> streams opened, oldest first
         self.calls: list[tuple[str, str, object]] = []  # (endpoint, "forward"/"backward", request)
@@ -73,13 +98,16 @@ class FakeConnection:
         """Blocks double the hidden states here (so gradients double too)."""
         self._check()
         self.peers.calls.append((self.endpoint, "forward", request))
-        out = deserialize_tensor(request.inputs.hidden_states) * 2
+        out = deserialize_tensor(request.inputs.hidden_states) * 2 + self._lie()
         return swarm_pb2.ForwardResponse(hidden_states=serialize_tensor(out))
+
+    def _lie(self) -> float:
+        return LIE if self.endpoint in self.peers.liars else 0.0
 
     def backward(self, request: swarm_pb2.BackwardRequest, timeout: float) -> swarm_pb2.BackwardResponse:
         self._check()
         self.peers.calls.append((self.endpoint, "backward", request))
-        grad = deserialize_tensor(request.grad_outputs) * 2
+        grad = deserialize_tensor(request.grad_outputs) * 2 + self._lie()
         return swarm_pb2.BackwardResponse(grad_hidden_states=serialize_tensor(grad))
 
     def open_inference(self, open_msg: swarm_pb2.InferenceOpen, timeout: float) -> "FakeStream":
@@ -116,6 +144,7 @@ class FakeStream:
             return  # a second copy of a step (pushed and sent by the client): dropped
         self.received.append((via, step))
         out = deserialize_tensor(step.hidden_states) + (self.open.end - self.open.start)
+        out += LIE if self.endpoint in self.peers.liars else 0.0
         self._answers.append(swarm_pb2.InferenceResponse(step_id=step.step_id, hidden_states=serialize_tensor(out)))
         if not step.push_to:
             return

@@ -7,15 +7,16 @@ import time
 from concurrent.futures import Future
 
 from client.remote_swarm import RemoteSwarm, SwarmSettings
-from tests.client.fakes import MODEL_ID, by_block, peer
+from tests.client.fakes import MODEL_ID, FlagsDHT, by_block, peer
 
 A, B = peer("a", 0, 30), peer("b", 0, 30)
 
 
-class FakeDHT:
+class FakeDHT(FlagsDHT):
     """Answers every block with the records in `serving`; background fetches wait for `finish`."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.serving = [A]
         self.waited = self.started = 0
         self._pending: list[tuple[Future, dict]] = []

@@ -13,7 +13,7 @@ from client import remote_swarm
 from client.remote_swarm import RemoteSwarm
 from client.routing import DEFAULT_HOP_SECONDS, MissingBlocksError, RouteFinder, RttTable
 from swarm.registry import PeerRecord, PeerState
-from tests.client.fakes import MODEL_ID, by_block, peer
+from tests.client.fakes import MODEL_ID, FlagsDHT, by_block, peer
 
 
 
@@ -165,7 +165,7 @@ def test_remote_swarm_pings_candidates_before_routing_and_avoids_dead_ones(monke
         return 0.002
 
     monkeypatch.setattr(remote_swarm, "ping", ping)
-    swarm = RemoteSwarm([], MODEL_ID, 30, dht=object())
+    swarm = RemoteSwarm([], MODEL_ID, 30, dht=FlagsDHT())
     swarm.records = lambda refresh=False: by_block(dead, good, elsewhere)  # no DHT call: records are given
     chosen = []
     find = swarm.routes.find_chain
@@ -198,3 +198,15 @@ def test_routes_avoid_quantized_peers_when_asked():
         strict.find_chain(only_quantized)
     assert error.value.missing == [2, 3]
     assert [hop.peer.peer_id for hop in RouteFinder(MODEL_ID, 4).find_chain(only_quantized)] == ["full-a", "q"]
+
+
+def test_a_peer_other_clients_flagged_costs_more_and_exclude_and_quant_narrow_the_choice():
+    finder = RouteFinder(MODEL_ID, 30)
+    fast, slow = peer("fast", 0, 30, throughput=300.0), peer("slow", 0, 30, throughput=100.0)
+    records = by_block(fast, slow)
+    assert finder.find_chain(records)[0].peer.peer_id == "fast"
+    assert finder.find_chain(records, exclude=frozenset({"fast"}))[0].peer.peer_id == "slow"
+    with pytest.raises(MissingBlocksError):
+        finder.find_chain(records, quant="int8")
+    finder.flags = {"fast": 3}  # cost x4: now slower than `slow`
+    assert finder.find_chain(records)[0].peer.peer_id == "slow"

@@ -18,6 +18,8 @@ from pathlib import Path
 from swarm.initial_peers import exit_if_not_joined, initial_peers_argument
 from swarm.named_models import DEFAULT_MODEL  # no torch: --help and argument errors stay instant
 
+from ..swarm_options import add_verify
+
 READY_LINE = "swarm api: serving {models} at {url}"
 
 EPILOG = """\
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="completion length when a request sets no max_tokens (default 256)")
     parser.add_argument("--codec", default="raw", choices=["raw", "float16", "bfloat16", "int8", "int8_blockwise"],
                         help="how activations travel between this server and the peers (default raw: exact)")
+    add_verify(parser)
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from .catalog import load_catalog
 
     with exit_if_not_joined(parser.prog):
-        catalog = load_catalog(peers, args.model, dict(args.adapter), SwarmSettings(codec=args.codec))
+        catalog = load_catalog(peers, args.model, dict(args.adapter), SwarmSettings(codec=args.codec, verify=args.verify))
     try:
         from swarm.dashboard import routes as dashboard_routes
 
