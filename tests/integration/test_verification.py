@@ -9,15 +9,16 @@ are the honest ones, the liar is banned and flagged in the DHT, and no honest pe
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, StoppingCriteria
 
 from client import AutoDistributedModelForCausalLM, SwarmSettings
-from client.apps.local_swarm import LocalSwarm
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 from swarm.flags import count_flags, flags_key
+from tests.procs import stop
 
 pytestmark = pytest.mark.integration
 
@@ -25,16 +26,18 @@ PROMPT = "A quick brown fox"
 
 
 @pytest.fixture(scope="module")
-def honest():
+def swarm(swarm_procs):
+    """A DHT of its own; [0, 15) once, [15, 30) twice honestly and once by a liar on every call."""
     resolve_checkpoint(DEFAULT_MODEL)
-    with LocalSwarm(["0:15", "15:30", "15:30"]) as running:
-        yield running
+    maddr = swarm_procs.dht()
 
+    def start(span: str, *args: str):
+        return swarm_procs.start_peer("--blocks", span, "--decode-threads", "1", *args, initial_peers=[maddr])
 
-@pytest.fixture(scope="module")
-def liar(honest):
-    with LocalSwarm(["15:30"], dht_initial_peers=honest.initial_peers, extra_peer_args=["--lie", "always"]) as running:
-        yield running
+    peers = [start("0:15"), start("15:30"), start("15:30"), start("15:30", "--lie", "always")]
+    for peer in peers:
+        peer.wait_ready()
+    return SimpleNamespace(initial_peers=[maddr], liar=peers[-1], start=start)
 
 
 @pytest.fixture(scope="module")
@@ -58,32 +61,30 @@ def flagged(model) -> dict[str, int]:
     return count_flags(model.swarm.model_id, model.swarm.dht.get(flags_key(model.swarm.model_id), latest=True))
 
 
-def test_a_liar_on_every_call_is_caught_before_it_changes_a_token(honest, liar, local):
-    inputs = local_inputs = None
-    trusting = client(honest, verify=0.0)
+def test_a_liar_on_every_call_is_caught_before_it_changes_a_token(swarm, local):
+    trusting = client(swarm, verify=0.0)
     try:
         inputs = trusting.tokenizer(PROMPT, return_tensors="pt")
-        local_inputs = dict(inputs)
-        expected = local.generate(**local_inputs, max_new_tokens=16, do_sample=False)
-        assert not torch.equal(trusting.generate(**inputs, max_new_tokens=16, do_sample=False), expected), \
-            "the liar did not change the tokens: this test would pass without verification"
+        expected = local.generate(**inputs, max_new_tokens=16, do_sample=False)
+        assert not torch.equal(trusting.generate(**inputs, max_new_tokens=4, do_sample=False), expected[:, :-12]), \
+            "the liar did not change the first tokens: this test would pass without verification"
     finally:
         trusting.swarm.shutdown()
 
-    model = client(honest, verify=0.2)
+    model = client(swarm, verify=0.2)
     try:
         assert torch.equal(model.generate(**inputs, max_new_tokens=16, do_sample=False), expected)
-        liar_id = peer_id(model, liar.endpoints[0])
+        liar_id = peer_id(model, swarm.liar.endpoint)
         assert model.swarm.verifier.convicted == {liar_id}
         assert set(flagged(model)) == {liar_id}  # flagged for other clients; no honest peer is
     finally:
         model.swarm.shutdown()
 
 
-def test_fine_tuning_through_a_liar_gives_the_honest_loss_curve(honest, liar):
-    def losses(verify: float, avoid: str | None = None) -> list[float]:
+def test_fine_tuning_through_a_liar_gives_the_honest_loss_curve(swarm):
+    def losses(verify: float, avoid: str | None = None, steps: int = 3) -> list[float]:
         torch.manual_seed(0)
-        model = client(honest, verify=verify, tuning_mode="lora")
+        model = client(swarm, verify=verify, tuning_mode="lora")
         try:
             if avoid:
                 model.swarm.routes.ban(peer_id(model, avoid), math.inf)  # the honest run never meets it
@@ -91,25 +92,25 @@ def test_fine_tuning_through_a_liar_gives_the_honest_loss_curve(honest, liar):
                                     return_tensors="pt", padding=True)
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
             curve = []
-            for _ in range(3):
+            for _ in range(steps):
                 loss = model(**batch, labels=batch["input_ids"]).loss
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()
                 curve.append(loss.item())
             if verify:
-                assert model.swarm.verifier.convicted == {peer_id(model, liar.endpoints[0])}
+                assert model.swarm.verifier.convicted == {peer_id(model, swarm.liar.endpoint)}
             return curve
         finally:
             model.swarm.shutdown()
 
-    honest_curve = losses(0.0, avoid=liar.endpoints[0])
+    honest_curve = losses(0.0, avoid=swarm.liar.endpoint)
     assert losses(0.2) == pytest.approx(honest_curve, rel=1e-4)
-    assert losses(0.0) != pytest.approx(honest_curve, rel=1e-2), "the liar did not change the loss"
+    assert losses(0.0, steps=1) != pytest.approx(honest_curve[:1], rel=1e-2), "the liar did not change the loss"
 
 
 class _Caught(StoppingCriteria):
-    """Records how many tokens were generated when the verifier first convicted someone."""
+    """Stops generating once the verifier convicted someone, noting after how many tokens."""
 
     def __init__(self, model, prompt_length: int):
         self.model, self.prompt_length, self.after = model, prompt_length, None
@@ -117,19 +118,18 @@ class _Caught(StoppingCriteria):
     def __call__(self, input_ids, scores, **kwargs):
         if self.after is None and self.model.swarm.verifier.convicted:
             self.after = input_ids.shape[1] - self.prompt_length
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        return torch.full((input_ids.shape[0],), self.after is not None, dtype=torch.bool)
 
 
-def test_a_liar_on_10_percent_of_calls_is_caught_within_50_steps(honest, liar):
-    liar.stop()  # its records are withdrawn: from here on the rare liar is the one to catch
-    with LocalSwarm(["15:30"], dht_initial_peers=honest.initial_peers,
-                    extra_peer_args=["--lie", "0.1", "--lie-seed", "1"]) as rare:
-        model = client(honest, verify=0.2)
-        try:
-            inputs = model.tokenizer(PROMPT, return_tensors="pt")
-            caught = _Caught(model, inputs["input_ids"].shape[1])
-            model.generate(**inputs, max_new_tokens=50, min_new_tokens=50, do_sample=False, stopping_criteria=[caught])
-            assert model.swarm.verifier.convicted == {peer_id(model, rare.endpoints[0])}
-            assert caught.after is not None and caught.after <= 50
-        finally:
-            model.swarm.shutdown()
+def test_a_liar_on_10_percent_of_calls_is_caught_within_50_steps(swarm):
+    stop(swarm.liar.proc)  # its records are withdrawn: from here on the rare liar is the one to catch
+    rare = swarm.start("15:30", "--lie", "0.1", "--lie-seed", "1").wait_ready()
+    model = client(swarm, verify=0.2)
+    try:
+        inputs = model.tokenizer(PROMPT, return_tensors="pt")
+        caught = _Caught(model, inputs["input_ids"].shape[1])
+        model.generate(**inputs, max_new_tokens=50, min_new_tokens=50, do_sample=False, stopping_criteria=[caught])
+        assert model.swarm.verifier.convicted == {peer_id(model, rare.endpoint)}
+        assert caught.after is not None and caught.after <= 50
+    finally:
+        model.swarm.shutdown()
