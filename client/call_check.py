@@ -39,16 +39,19 @@ def check_forward(call, hop: Hop, request: swarm_pb2.ForwardRequest, output: swa
 
 def _gradients(responses: list[swarm_pb2.BackwardResponse]) -> list[torch.Tensor]:
     """What a chain's Backward answers hold, comparable across chains of other splits: the input
-    gradient (of the first hop, answered last), then deep prompts and adapter tensors in order."""
+    gradient (of the first hop, answered last; compared token by token), then deep prompts and
+    adapter tensors in order, each flattened to one row: a parameter's gradient is compared as a
+    whole (the rows of a LoRA matrix's gradient are of very unequal size, and in bfloat16 the
+    small ones are mostly rounding)."""
     grads = [deserialize_tensor(responses[-1].grad_hidden_states)]
     deep = [deserialize_tensor(r.grad_deep_prompts) for r in reversed(responses) if r.HasField("grad_deep_prompts")]
     if deep:
-        grads.append(torch.cat(deep))
+        grads.append(torch.cat(deep).reshape(1, -1))
     named = {}
     for response in responses:
         for index, msg in enumerate(response.grad_adapters):
             named.update({(index, name): tensor for name, tensor in msg.tensors.items()})
-    return grads + [deserialize_tensor(named[key]) for key in sorted(named)]
+    return grads + [deserialize_tensor(named[key]).reshape(1, -1) for key in sorted(named)]
 
 
 def check_backward(call, hop: Hop, forward: swarm_pb2.ForwardRequest, grad: swarm_pb2.Tensor,

@@ -93,6 +93,7 @@ class Verifier:
         self._vouched: set[tuple[str, str]] = set()  # (peer id, kind) that passed a check
         self._no_replica: dict[tuple[int, int, str], float] = {}  # span and kind -> when we last found none
         self.checks = self.mismatches = 0
+        self.largest_agreed = 0.0  # the largest distance of a check that passed: how close honest peers come
         self.convicted: set[str] = set()
 
     def due(self, peer_id: str, kind: str) -> bool:
@@ -135,6 +136,7 @@ class Verifier:
         tol = self.tolerance(hop, checker)
         apart = _apart(ours, theirs)
         if apart <= tol:
+            self.largest_agreed = max(self.largest_agreed, apart)
             self._vouched.add((hop.peer.peer_id, kind))
             return Verdict.agreed
         self.mismatches += 1
