@@ -1,0 +1,155 @@
+"""What a member believes: records signed by a current member of its swarm, and nothing else.
+
+A `Trust` is built from the member's credential. It signs this member's DHT records (the
+record plus `swarm`, `member_cert` and `member_sig`: ECDSA-SHA256 over the canonical JSON of
+everything but the last two), and checks others': the certificate must be signed by the
+swarm's CA, valid now and not revoked, and the signature must hold.
+
+Readers check every record of every fetch (clients refetch every 2 s), so both checks are
+cached: a certificate by its bytes (the CA signature), a record by its signature bytes (the
+same value is stored under each block key of a span). What is left per record is two dict
+lookups and the expiry and revocation checks (measured in benchmarks/membership.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import logging
+import threading
+from typing import Any, Iterable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from .credential import Credential, issued_by, member_name
+from .revocation import RevocationList
+from .signing import canonical, sign, signature_ok
+
+logger = logging.getLogger(__name__)
+
+SWARM_FIELD, CERT_FIELD, SIGNATURE_FIELD = "swarm", "member_cert", "member_sig"
+_MAX_CACHED = 4096  # certificates or signatures; the cache starts over when full (junk cannot grow it)
+_MAX_CERT_CHARS = 4096
+
+
+def swarm_of(value: Any) -> str | None:
+    """The private swarm a signed record says it belongs to; None for an open swarm's record."""
+    if isinstance(value, dict) and SIGNATURE_FIELD in value:
+        swarm = value.get(SWARM_FIELD)
+        return swarm if isinstance(swarm, str) else "?"
+    return None
+
+
+def unsigned(value: dict[str, Any]) -> dict[str, Any]:
+    """The record without its signature fields."""
+    return {k: v for k, v in value.items() if k not in (SWARM_FIELD, CERT_FIELD, SIGNATURE_FIELD)}
+
+
+class Trust:
+    """One member's view of its private swarm: its own credential, the CA, the revocations."""
+
+    def __init__(self, credential: Credential) -> None:
+        self.credential = credential
+        self.swarm_id, self.name = credential.swarm_id, credential.name
+        self.ca_cert = credential.ca_cert
+        self.ca_public_key = credential.ca_cert.public_key()
+        self.ca_pem = credential.ca_pem()
+        self.revocations = RevocationList()
+        self._cert_b64 = base64.b64encode(credential.cert.public_bytes(serialization.Encoding.DER)).decode()
+        self._certs: dict[str, x509.Certificate | None] = {}  # base64 DER -> the cert if the CA signed it
+        self._signatures: dict[str, tuple[bytes, x509.Certificate]] = {}  # checked: signature -> (data, signer)
+        self._lock = threading.Lock()
+
+    # --- revocation -----------------------------------------------------------------------
+
+    def learn_revocations(self, values: Iterable[Any]) -> None:
+        """Takes in the validly signed revocation lists among `values` (read from the DHT)."""
+        for value in values:
+            found = RevocationList.verified(value, self.ca_public_key, self.swarm_id)
+            if found is None:
+                continue
+            merged = self.revocations.union(found)
+            if merged.revoked.keys() != self.revocations.revoked.keys():
+                logger.info("revoked members of swarm %s: %s", self.swarm_id, ", ".join(sorted(merged.names())))
+            self.revocations = merged
+
+    def refused(self, cert: x509.Certificate) -> str | None:
+        """Why a member certificate (already known to be the CA's) does not count now, or None."""
+        if cert.serial_number in self.revocations.revoked:
+            return f"member {member_name(cert)!r} was revoked"
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            return f"the credential of {member_name(cert)!r} expired on {cert.not_valid_after_utc:%Y-%m-%d}"
+        return None
+
+    # --- certificates ---------------------------------------------------------------------
+
+    def member_cert(self, cert_b64: Any) -> x509.Certificate | None:
+        """The certificate in `cert_b64` if the swarm's CA signed it (cached), else None."""
+        if not isinstance(cert_b64, str) or len(cert_b64) > _MAX_CERT_CHARS:
+            return None
+        if cert_b64 in self._certs:
+            return self._certs[cert_b64]
+        try:
+            cert = x509.load_der_x509_certificate(base64.b64decode(cert_b64, validate=True))
+        except ValueError:
+            cert = None
+        if cert is not None and not issued_by(cert, self.ca_cert):
+            cert = None
+        with self._lock:
+            if len(self._certs) >= _MAX_CACHED:
+                self._certs.clear()
+            self._certs[cert_b64] = cert
+        return cert
+
+    @property
+    def cert_b64(self) -> str:
+        return self._cert_b64
+
+    # --- records --------------------------------------------------------------------------
+
+    def sign(self, record: dict[str, Any]) -> dict[str, Any]:
+        """`record` (JSON-able, as stored in the DHT) signed by this member."""
+        body = {**record, SWARM_FIELD: self.swarm_id}
+        return {**body, CERT_FIELD: self._cert_b64, SIGNATURE_FIELD: sign(self.credential.key, canonical(body))}
+
+    def verify(self, value: Any) -> str | None:
+        """The member who signed `value`, if a current member of this swarm did; else None."""
+        if not isinstance(value, dict) or value.get(SWARM_FIELD) != self.swarm_id:
+            return None
+        signature, cert = value.get(SIGNATURE_FIELD), self.member_cert(value.get(CERT_FIELD))
+        if not isinstance(signature, str) or cert is None:
+            return None
+        try:
+            data = canonical({k: v for k, v in value.items() if k not in (CERT_FIELD, SIGNATURE_FIELD)})
+        except (TypeError, ValueError):
+            return None
+        # The same signed value is read under every block key of its span, every refresh.
+        if self._signatures.get(signature) != (data, cert):
+            if not signature_ok(cert.public_key(), data, signature):
+                return None
+            with self._lock:
+                if len(self._signatures) >= _MAX_CACHED:
+                    self._signatures.clear()
+                self._signatures[signature] = (data, cert)
+        why = self.refused(cert)
+        if why is not None:
+            logger.debug("skipping a record: %s", why)
+            return None
+        return member_name(cert)
+
+
+def admitted(value: Any, trust: Trust | None, private_swarms: set[str] | None = None) -> bool:
+    """Whether a reader takes a record read from the DHT: a member (`trust`) only its swarm's
+    current members' signed records, an open swarm's reader (None) only unsigned ones, so
+    the two kinds never mix. Records of a private swarm the reader is not in are noted in
+    `private_swarms` (by swarm id), for a message saying how to join it."""
+    swarm = swarm_of(value)
+    if trust is None and swarm is None:
+        return True
+    if trust is not None and swarm == trust.swarm_id:
+        return trust.verify(value) is not None
+    if swarm is not None and private_swarms is not None:
+        private_swarms.add(swarm[:16])
+    return False
