@@ -16,6 +16,8 @@ import time
 
 import grpc
 
+from swarm.membership import Trust
+from swarm.membership.grpc_auth import channel
 from swarm.wire import swarm_pb2, swarm_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -40,22 +42,27 @@ class PeerCallError(RuntimeError):
 
 
 class PeerConnection:
-    """Stubs for one peer's BlockService over a shared channel."""
+    """Stubs for one peer's BlockService over a shared channel: plaintext in an open swarm, TLS
+    and member tokens in a private one (`trust`, swarm/membership/grpc_auth.py)."""
 
     _pool: dict[str, "PeerConnection"] = {}
     _pool_lock = threading.Lock()
 
-    def __init__(self, endpoint: str):
-        self.endpoint = endpoint
-        self.channel = grpc.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
+    def __init__(self, endpoint: str, trust: Trust | None = None):
+        self.endpoint, self.trust = endpoint, trust
+        self.channel = channel(endpoint, trust, options=_CHANNEL_OPTIONS)
         self.stub = swarm_pb2_grpc.BlockServiceStub(self.channel)
 
     @classmethod
-    def to(cls, endpoint: str) -> "PeerConnection":
+    def to(cls, endpoint: str, trust: Trust | None = None) -> "PeerConnection":
+        """The pooled connection to `endpoint`. RemoteSwarm pings every peer with its trust before
+        a chain uses it, which opens the connection of the right kind; callers that pass no
+        trust (sessions, autograd) get that one, or a plaintext one if none is open."""
         with cls._pool_lock:
-            if endpoint not in cls._pool:
-                cls._pool[endpoint] = cls(endpoint)
-            return cls._pool[endpoint]
+            found = cls._pool.get(endpoint)
+            if found is None or (trust is not None and found.trust is not trust):
+                found = cls._pool[endpoint] = cls(endpoint, trust)
+            return found
 
     def _unary(self, method, request, timeout: float):
         try:

@@ -1,4 +1,8 @@
-"""This peer's records in the DHT: announced, kept fresh while it serves, withdrawn at the end."""
+"""This peer's records in the DHT: announced, kept fresh while it serves, withdrawn at the end.
+
+In a private swarm the records are signed with the member's credential, and each announcement
+also reads the swarm's revocation list, so the peer refuses a revoked member's calls within an
+announce period of `swarm revoke`."""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import logging
 import time
 from typing import Any, Callable
 
+from swarm.membership.published import read_revocations
+from swarm.membership.trust import Trust
 from swarm.registry import ModelRecord, PeerRecord, announce, announce_model, withdraw
 
 from .threads import in_daemon_thread
@@ -21,8 +27,9 @@ DHT_CALL_TIMEOUT = 5.0  # s; a DHT call that takes longer is abandoned (the DHT 
 class Announcer:
     """Keeps this peer's records in the DHT fresh, and withdraws them at the end."""
 
-    def __init__(self, dht, model: ModelRecord, peer_record: Callable[[], PeerRecord], period: float) -> None:
-        self.dht, self.model, self.peer_record, self.period = dht, model, peer_record, period
+    def __init__(self, dht, model: ModelRecord, peer_record: Callable[[], PeerRecord], period: float,
+                 trust: Trust | None = None) -> None:
+        self.dht, self.model, self.peer_record, self.period, self.trust = dht, model, peer_record, period, trust
         self._last_expiration = 0.0
         self._record: PeerRecord | None = None
         # One DHT write at a time, in the order asked: a refresh racing a move must not store
@@ -41,8 +48,10 @@ class Announcer:
         expiration = self._last_expiration = get_dht_time() + RECORD_LIFETIME_PERIODS * self.period
 
         def store() -> bool:
-            model_stored = announce_model(self.dht, self.model, expiration)
-            return announce(self.dht, record, expiration) and model_stored
+            if self.trust is not None:
+                read_revocations(self.dht, self.trust)
+            model_stored = announce_model(self.dht, self.model, expiration, trust=self.trust)
+            return announce(self.dht, record, expiration, trust=self.trust) and model_stored
 
         try:
             stored = await self.call(store)

@@ -7,6 +7,10 @@ Kept free of heavy imports so `swarm peer --help` and argument errors are instan
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from swarm.membership import Trust
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class PeerConfig:
     # model's num_blocks (its total) nor a span's length.
     blocks_wanted: int | None = None
     balance_period: float = 60.0  # with blocks_wanted: seconds between checks whether to move; 0: never move
+    # --join: this member's trust in a private swarm (signed records, TLS + member tokens); None: an open swarm.
+    trust: Trust | None = None
 
     @property
     def announced_host(self) -> str:
