@@ -110,9 +110,13 @@ class RemoteSwarm:
                 return self.routes.find_chain(records, start, end, randomize)
             except MissingBlocksError as e:
                 if time.monotonic() > deadline:
-                    private = getattr(self._records, "private_swarms", ())
+                    private = sorted(getattr(self._records, "private_swarms", ()))
                     if private and not any(self._records.values()):
-                        raise PrivateSwarmError(e, sorted(private)) from None
+                        raise PrivateSwarmError(e, private) from None
+                    if private:  # some blocks are served only in a private swarm
+                        raise MissingBlocksError(self.model_id, e.missing, self.num_blocks, hint=(
+                            f"; private swarm {', '.join(private)} serves the model too: join it with --join "
+                            "CREDENTIAL")) from None
                     raise
                 time.sleep(0.5)
                 refresh = True
