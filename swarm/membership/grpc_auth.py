@@ -5,7 +5,7 @@
   outsider on the path sees ciphertext.
 - Each call carries `swarmlm-member: CERT.TIME.SIGNATURE` in its metadata (the caller's
   certificate, a Unix time, and its ECDSA signature over the swarm id and that time), added by
-  gRPC call credentials; a server interceptor refuses calls without a valid one. Why a token
+  a client interceptor (blocking channels) or call credentials (grpc.aio); a server interceptor refuses calls without a valid one. Why a token
   and not client certificates: gRPC Python can only *require* them, and an outsider then gets
   a failed handshake (UNAVAILABLE), not UNAUTHENTICATED with a message that says what to do.
 - Costs on the hot path: a caller re-signs its token every TOKEN_RESIGN_SECONDS; a server
@@ -17,6 +17,7 @@ Without a trust (an open swarm) every helper here is plain insecure gRPC, as bef
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from typing import Any, Sequence
@@ -25,7 +26,7 @@ import grpc
 
 from .credential import MEMBER_DNS_NAME
 from .signing import sign, signature_ok
-from .trust import Trust
+from .trust import Member, Trust
 
 TOKEN_KEY = "swarmlm-member"
 TOKEN_RESIGN_SECONDS = 60.0
@@ -68,10 +69,47 @@ def _credentials(trust: Trust) -> grpc.ChannelCredentials:
 
 
 def channel(endpoint: str, trust: Trust | None, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
-    """A blocking channel to a peer: TLS + member token in a private swarm, else plaintext."""
+    """A blocking channel to a peer: TLS + member token in a private swarm, else plaintext.
+
+    Here the token rides in an interceptor, not in call credentials: gRPC runs a credentials
+    plugin on a thread of its own, which measured 0.6 ms per unary call on loopback (an
+    interceptor: ~0.01 ms)."""
     if trust is None:
         return grpc.insecure_channel(endpoint, options=list(options))
-    return grpc.secure_channel(endpoint, _credentials(trust), options=_tls_options(trust, options))
+    tls = grpc.ssl_channel_credentials(root_certificates=trust.ca_pem)
+    return grpc.intercept_channel(grpc.secure_channel(endpoint, tls, options=_tls_options(trust, options)),
+                                  _TokenInterceptor(CallToken(trust)))
+
+
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                           "wait_for_ready", "compression")),
+                   grpc.ClientCallDetails):
+    pass
+
+
+class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the caller's token to every call's metadata (blocking channels)."""
+
+    def __init__(self, token: CallToken) -> None:
+        self.token = token
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        metadata = (*(details.metadata or ()), (TOKEN_KEY, self.token.token()))
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
 
 
 def aio_channel(endpoint: str, trust: Trust | None, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
@@ -100,7 +138,7 @@ class MemberCheck(grpc.aio.ServerInterceptor):
 
     def __init__(self, trust: Trust) -> None:
         self.trust = trust
-        self._checked: dict[str, tuple[Any, float]] = {}  # token -> (the member's cert, when it goes stale)
+        self._checked: dict[str, tuple[Member, float]] = {}  # token -> (its member, when it goes stale)
 
     def refusal(self, token: str | None) -> tuple[grpc.StatusCode, str] | None:
         """Why a call carrying `token` is refused, or None to serve it."""
@@ -115,19 +153,19 @@ class MemberCheck(grpc.aio.ServerInterceptor):
         why = self.trust.refused(found[0])
         return (grpc.StatusCode.PERMISSION_DENIED, f"{why}: this swarm refuses it") if why else None
 
-    def _check(self, token: str, now: float) -> tuple[Any, float] | str:
+    def _check(self, token: str, now: float) -> tuple[Member, float] | str:
         cert_b64, _, rest = token.partition(".")
         issued_text, _, signature = rest.partition(".")
-        cert = self.trust.member_cert(cert_b64)
-        if cert is None:
+        member = self.trust.member(cert_b64)
+        if member is None:
             return f"{NOT_A_MEMBER} (swarm {self.trust.swarm_id}; the credential offered is not one of its members')"
         if not issued_text.isdigit() or abs(now - int(issued_text)) > TOKEN_MAX_AGE:
             return f"the member token is stale or from the future; check this machine's clock ({NOT_A_MEMBER})"
-        if not signature_ok(cert.public_key(), _token_data(self.trust.swarm_id, int(issued_text)), signature):
+        if not signature_ok(member.public_key, _token_data(self.trust.swarm_id, int(issued_text)), signature):
             return f"the member token's signature is wrong ({NOT_A_MEMBER})"
         if len(self._checked) > 4096:
             self._checked.clear()
-        self._checked[token] = checked = (cert, int(issued_text) + TOKEN_MAX_AGE)
+        self._checked[token] = checked = (member, int(issued_text) + TOKEN_MAX_AGE)
         return checked
 
     async def intercept_service(self, continuation, handler_call_details):

@@ -14,13 +14,15 @@ lookups and the expiry and revocation checks (measured in benchmarks/membership.
 from __future__ import annotations
 
 import base64
-import datetime
 import logging
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from .credential import Credential, issued_by, member_name
 from .revocation import RevocationList
@@ -46,6 +48,17 @@ def unsigned(value: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in value.items() if k not in (SWARM_FIELD, CERT_FIELD, SIGNATURE_FIELD)}
 
 
+@dataclass(frozen=True)
+class Member:
+    """A certificate the swarm's CA signed, as the hot path needs it (parsed once)."""
+
+    name: str
+    serial: int
+    not_before: float  # Unix times
+    not_after: float
+    public_key: ec.EllipticCurvePublicKey
+
+
 class Trust:
     """One member's view of its private swarm: its own credential, the CA, the revocations."""
 
@@ -57,8 +70,8 @@ class Trust:
         self.ca_pem = credential.ca_pem()
         self.revocations = RevocationList()
         self._cert_b64 = base64.b64encode(credential.cert.public_bytes(serialization.Encoding.DER)).decode()
-        self._certs: dict[str, x509.Certificate | None] = {}  # base64 DER -> the cert if the CA signed it
-        self._signatures: dict[str, tuple[bytes, x509.Certificate]] = {}  # checked: signature -> (data, signer)
+        self._members: dict[str, Member | None] = {}  # base64 DER -> the member, None if the CA did not sign it
+        self._signed: dict[str, dict[str, Any]] = {}  # a signature checked -> the whole value it came with
         self._lock = threading.Lock()
 
     # --- revocation -----------------------------------------------------------------------
@@ -74,34 +87,35 @@ class Trust:
                 logger.info("revoked members of swarm %s: %s", self.swarm_id, ", ".join(sorted(merged.names())))
             self.revocations = merged
 
-    def refused(self, cert: x509.Certificate) -> str | None:
-        """Why a member certificate (already known to be the CA's) does not count now, or None."""
-        if cert.serial_number in self.revocations.revoked:
-            return f"member {member_name(cert)!r} was revoked"
-        now = datetime.datetime.now(datetime.timezone.utc)
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            return f"the credential of {member_name(cert)!r} expired on {cert.not_valid_after_utc:%Y-%m-%d}"
+    def refused(self, member: Member) -> str | None:
+        """Why a member (its certificate known to be the CA's) does not count now, or None."""
+        if member.serial in self.revocations.revoked:
+            return f"member {member.name!r} was revoked"
+        if not member.not_before <= time.time() <= member.not_after:
+            return f"the credential of {member.name!r} is not valid now (it expires {time.ctime(member.not_after)})"
         return None
 
     # --- certificates ---------------------------------------------------------------------
 
-    def member_cert(self, cert_b64: Any) -> x509.Certificate | None:
-        """The certificate in `cert_b64` if the swarm's CA signed it (cached), else None."""
+    def member(self, cert_b64: Any) -> Member | None:
+        """The member whose certificate `cert_b64` is, if the swarm's CA signed it (cached)."""
         if not isinstance(cert_b64, str) or len(cert_b64) > _MAX_CERT_CHARS:
             return None
-        if cert_b64 in self._certs:
-            return self._certs[cert_b64]
+        if cert_b64 in self._members:
+            return self._members[cert_b64]
         try:
             cert = x509.load_der_x509_certificate(base64.b64decode(cert_b64, validate=True))
         except ValueError:
             cert = None
-        if cert is not None and not issued_by(cert, self.ca_cert):
-            cert = None
+        member = None
+        if cert is not None and issued_by(cert, self.ca_cert) and isinstance(cert.public_key(), ec.EllipticCurvePublicKey):
+            member = Member(member_name(cert), cert.serial_number, cert.not_valid_before_utc.timestamp(),
+                            cert.not_valid_after_utc.timestamp(), cert.public_key())
         with self._lock:
-            if len(self._certs) >= _MAX_CACHED:
-                self._certs.clear()
-            self._certs[cert_b64] = cert
-        return cert
+            if len(self._members) >= _MAX_CACHED:
+                self._members.clear()
+            self._members[cert_b64] = member
+        return member
 
     @property
     def cert_b64(self) -> str:
@@ -118,26 +132,27 @@ class Trust:
         """The member who signed `value`, if a current member of this swarm did; else None."""
         if not isinstance(value, dict) or value.get(SWARM_FIELD) != self.swarm_id:
             return None
-        signature, cert = value.get(SIGNATURE_FIELD), self.member_cert(value.get(CERT_FIELD))
-        if not isinstance(signature, str) or cert is None:
+        signature, member = value.get(SIGNATURE_FIELD), self.member(value.get(CERT_FIELD))
+        if not isinstance(signature, str) or member is None:
             return None
-        try:
-            data = canonical({k: v for k, v in value.items() if k not in (CERT_FIELD, SIGNATURE_FIELD)})
-        except (TypeError, ValueError):
-            return None
-        # The same signed value is read under every block key of its span, every refresh.
-        if self._signatures.get(signature) != (data, cert):
-            if not signature_ok(cert.public_key(), data, signature):
+        # The same signed value is read under every block key of its span, every refresh: a
+        # value equal to one already checked (signature, certificate and body) is not checked again.
+        if self._signed.get(signature) != value:
+            try:
+                data = canonical({k: v for k, v in value.items() if k not in (CERT_FIELD, SIGNATURE_FIELD)})
+            except (TypeError, ValueError):
+                return None
+            if not signature_ok(member.public_key, data, signature):
                 return None
             with self._lock:
-                if len(self._signatures) >= _MAX_CACHED:
-                    self._signatures.clear()
-                self._signatures[signature] = (data, cert)
-        why = self.refused(cert)
+                if len(self._signed) >= _MAX_CACHED:
+                    self._signed.clear()
+                self._signed[signature] = value
+        why = self.refused(member)
         if why is not None:
             logger.debug("skipping a record: %s", why)
             return None
-        return member_name(cert)
+        return member.name
 
 
 def admitted(value: Any, trust: Trust | None, private_swarms: set[str] | None = None) -> bool:
