@@ -31,6 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=DEFAULT_DAYS, help="days the credential is valid "
                         "(default: %(default)s)")
     args = parser.parse_args(argv)
+    out = args.out or f"{args.name}.pem"
+    if not args.token and os.path.exists(out):  # checked before a credential is issued and recorded
+        print(f"swarm invite: error: --out {out} exists; pick another file", file=sys.stderr)
+        return 1
     try:
         credential = SwarmIdentity.load(args.swarm_dir).invite(args.name, args.days)
     except (IdentityError, CredentialError) as e:
@@ -39,7 +43,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.token:
         print(credential.token())
         return 0
-    out = args.out or f"{args.name}.pem"
     try:
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:

@@ -215,3 +215,26 @@ def test_server_refuses_stale_or_foreign_tokens(alice, tmp_path):
     foreign = CallToken(Trust(SwarmIdentity.create(tmp_path / "x").invite("alice"))).token()
     assert check.refusal(foreign)[0] == grpc.StatusCode.UNAUTHENTICATED
     assert TOKEN_KEY == "swarmlm-member"
+
+
+# --- the commands ---------------------------------------------------------------------------
+
+
+def test_commands_say_what_is_wrong_in_one_line(tmp_path, capsys, monkeypatch):
+    from swarm.membership import cli_init, cli_invite, cli_revoke
+
+    monkeypatch.chdir(tmp_path)
+    folder = str(tmp_path / "swarm")
+    assert cli_invite.main(["alice", "--swarm-dir", folder]) == 1
+    assert "holds no swarm identity; create one with `swarm init" in capsys.readouterr().err
+    assert cli_init.main(["--swarm-dir", folder]) == 0 and cli_init.main(["--swarm-dir", folder]) == 1
+    assert "already holds a swarm identity" in capsys.readouterr().err
+    assert cli_invite.main(["alice", "--swarm-dir", folder]) == 0
+    assert load_credential(str(tmp_path / "alice.pem")).name == "alice"
+    assert cli_invite.main(["alice", "--swarm-dir", folder]) == 1  # alice.pem exists: nothing issued
+    assert len(SwarmIdentity.load(folder).members()["alice"]["serials"]) == 1
+    assert cli_invite.main(["bad name", "--swarm-dir", folder]) == 1
+    assert cli_revoke.main(["zed", "--swarm-dir", folder]) == 1
+    assert cli_revoke.main(["alice", "--swarm-dir", folder]) == 0
+    err = capsys.readouterr().err
+    assert "member name 'bad name'" in err and "no member named 'zed'" in err and "Traceback" not in err
