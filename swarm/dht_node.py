@@ -103,12 +103,15 @@ def serve_probes(dht, relays: list[str]) -> None:
     asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
 
 
-def serve_dashboard(parser: argparse.ArgumentParser, dht, host: str, port: int):
-    """The dashboard on host:port, or exit 1 with a one-line error (after the DHT shuts down)."""
+def serve_dashboard(parser: argparse.ArgumentParser, dht, host: str, port: int, identity=None):
+    """The dashboard on host:port, or exit 1 with a one-line error (after the DHT shuts down);
+    of a private swarm's members when given its `identity`."""
     from .dashboard import DashboardServer
+    from .membership import Trust
 
+    trust = Trust(identity.owner_credential()) if identity is not None else None
     try:
-        dashboard = DashboardServer(dht, host, port)
+        dashboard = DashboardServer(dht, host, port, trust=trust)
     except OSError as e:
         print(f"{parser.prog}: error: --dashboard {port}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
@@ -191,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             keep_published(dht, identity, stop)
         if args.dashboard is not None:
-            dashboard = serve_dashboard(parser, dht, args.dashboard_host, args.dashboard)
+            dashboard = serve_dashboard(parser, dht, args.dashboard_host, args.dashboard, identity)
         logger.info("DHT node %s running; stop with Ctrl-C or SIGTERM", dht.peer_id)
         while not stop.wait(timeout=1.0):  # a timed wait keeps the main thread responsive to signals
             pass

@@ -107,6 +107,20 @@ class SwarmIdentity:
 
     def invite(self, name: str, days: int = DEFAULT_DAYS) -> Credential:
         """A new credential for member `name` (a name may hold several, e.g. one per machine)."""
+        credential = self._issue(name, days)
+        members = self.members()
+        entry = members.setdefault(name, {"serials": [], "expires": []})
+        entry["serials"].append(str(credential.serial))
+        entry["expires"].append(f"{credential.cert.not_valid_after_utc:%Y-%m-%d}")
+        self._save_members(members)
+        return credential
+
+    def owner_credential(self) -> Credential:
+        """A credential for the owner's own tools (the DHT node's dashboard reads members' records
+        with it): held in memory only, valid a day, named in no member list."""
+        return self._issue("swarm-owner", 1)
+
+    def _issue(self, name: str, days: int) -> Credential:
         if not NAME_PATTERN.match(name):
             raise CredentialError(f"member name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
         if days <= 0:
@@ -126,11 +140,6 @@ class SwarmIdentity:
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                       ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
                 .sign(self.key, hashes.SHA256()))
-        members = self.members()
-        entry = members.setdefault(name, {"serials": [], "expires": []})
-        entry["serials"].append(str(cert.serial_number))
-        entry["expires"].append(f"{expires:%Y-%m-%d}")
-        self._save_members(members)
         return Credential(name, key, cert, self.ca_cert)
 
     # --- revocation ---------------------------------------------------------------------

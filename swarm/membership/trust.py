@@ -85,6 +85,9 @@ class Trust:
             merged = self.revocations.union(found)
             if merged.revoked.keys() != self.revocations.revoked.keys():
                 logger.info("revoked members of swarm %s: %s", self.swarm_id, ", ".join(sorted(merged.names())))
+                if self.credential.serial in merged.revoked:
+                    logger.warning("this credential (member %r) was revoked: members no longer use or answer it",
+                                   self.name)
             self.revocations = merged
 
     def refused(self, member: Member) -> str | None:
