@@ -29,8 +29,9 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-# The request itself was wrong: another peer would refuse it too, so retrying elsewhere is pointless.
-CLIENT_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT,)
+# The request itself was wrong, or (a private swarm) its caller is not or no longer a member:
+# another peer would refuse it too, so retrying elsewhere is pointless.
+CLIENT_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 class PeerCallError(RuntimeError):
