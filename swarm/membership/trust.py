@@ -6,9 +6,10 @@ everything but the last two), and checks others': the certificate must be signed
 swarm's CA, valid now and not revoked, and the signature must hold.
 
 Readers check every record of every fetch (clients refetch every 2 s), so both checks are
-cached: a certificate by its bytes (the CA signature), a record by its signature bytes (the
-same value is stored under each block key of a span). What is left per record is two dict
-lookups and the expiry and revocation checks (measured in benchmarks/membership.py).
+cached: a certificate by its bytes (parsed once into a `Member`), a record by its signature,
+kept with the whole value it came with (the same value is stored under each block key of a
+span): a value equal to a checked one is not checked again. Measured (benchmarks/membership.py,
+2-core box): ~2 us per record seen before, ~0.5 ms for a member's first.
 """
 
 from __future__ import annotations
@@ -41,11 +42,6 @@ def swarm_of(value: Any) -> str | None:
         swarm = value.get(SWARM_FIELD)
         return swarm if isinstance(swarm, str) else "?"
     return None
-
-
-def unsigned(value: dict[str, Any]) -> dict[str, Any]:
-    """The record without its signature fields."""
-    return {k: v for k, v in value.items() if k not in (SWARM_FIELD, CERT_FIELD, SIGNATURE_FIELD)}
 
 
 @dataclass(frozen=True)
