@@ -81,7 +81,8 @@ def call_times(loop: asyncio.AbstractEventLoop, trust: Trust | None, repeats: in
                 steps.append(time.perf_counter() - started)
         requests.put(None)
     asyncio.run_coroutine_threadsafe(server.stop(0), loop).result()
-    return {"unary_ms": round(1e3 * statistics.median(unary), 3), "stream_step_ms": round(1e3 * statistics.median(steps), 3)}
+    return {"unary_ms": round(1e3 * statistics.median(unary), 3),
+            "stream_step_ms": round(1e3 * statistics.median(steps), 3)}
 
 
 def main() -> None:

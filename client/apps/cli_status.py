@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{reach}")
     missing = [i for i, rs in records.items() if not rs]
     if records.private_swarms:
-        print(f"(also peers of private swarm {', '.join(sorted(records.private_swarms))}: see them with --join CREDENTIAL)")
+        swarms = ", ".join(sorted(records.private_swarms))
+        print(f"(also peers of private swarm {swarms}: see them with --join CREDENTIAL)")
     if missing:
         print(f"UNCOVERED blocks: {format_blocks(missing)}")
         return 1

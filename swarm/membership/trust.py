@@ -107,9 +107,10 @@ class Trust:
         except ValueError:
             cert = None
         member = None
-        if cert is not None and issued_by(cert, self.ca_cert) and isinstance(cert.public_key(), ec.EllipticCurvePublicKey):
+        key = cert.public_key() if cert is not None and issued_by(cert, self.ca_cert) else None
+        if isinstance(key, ec.EllipticCurvePublicKey):
             member = Member(member_name(cert), cert.serial_number, cert.not_valid_before_utc.timestamp(),
-                            cert.not_valid_after_utc.timestamp(), cert.public_key())
+                            cert.not_valid_after_utc.timestamp(), key)
         with self._lock:
             if len(self._members) >= _MAX_CACHED:
                 self._members.clear()

@@ -67,7 +67,8 @@ def test_expired_credential_is_refused(identity, alice):
     past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=3)
     cert = (x509.CertificateBuilder().subject_name(alice.cert.subject).issuer_name(identity.ca_cert.subject)
             .public_key(alice.key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(past).not_valid_after(past + datetime.timedelta(days=1)).sign(identity.key, hashes.SHA256()))
+            .not_valid_before(past).not_valid_after(past + datetime.timedelta(days=1))
+            .sign(identity.key, hashes.SHA256()))
     from swarm.membership.credential import Credential
 
     expired = Credential("alice", alice.key, cert, identity.ca_cert)
