@@ -6,8 +6,9 @@
 - Each call carries `swarmlm-member: CERT.TIME.SIGNATURE` in its metadata (the caller's
   certificate, a Unix time, and its ECDSA signature over the swarm id and that time), added by
   a client interceptor (blocking channels) or call credentials (grpc.aio); a server interceptor
-  refuses calls without a valid one. Why a token and not client certificates: gRPC Python can only *require* them, and an outsider then gets
-  a failed handshake (UNAVAILABLE), not UNAUTHENTICATED with a message that says what to do.
+  refuses calls without a valid one. Why a token and not client certificates: gRPC Python
+  can only *require* them, and an outsider then gets a failed handshake (UNAVAILABLE), not
+  UNAUTHENTICATED with a message that says what to do.
 - Costs on the hot path: a caller re-signs its token every TOKEN_RESIGN_SECONDS; a server
   checks a token once and then finds it in a dict (see benchmarks/membership.py). A stream
   (Inference, PushStream) is one call, checked when it opens.
