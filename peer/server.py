@@ -109,7 +109,7 @@ async def _serve(config: PeerConfig, checkpoint: Checkpoint, dht, on_ready: Call
 
         balancer = Balancer(host, config.blocks_wanted, config.balance_period) if config.blocks_wanted else None
         # Refreshed from the first (joining) announcement on: loading may outlast its records.
-        refreshing = asyncio.ensure_future(host.announcer.refresh_until(stop))
+        refreshing = asyncio.gather(host.announcer.refresh_until(stop), host.announcer.follow_revocations(stop))
         try:
             return await _place_load_and_serve(host, balancer, server, stop, on_ready)
         finally:

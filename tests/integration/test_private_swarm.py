@@ -90,7 +90,13 @@ def info(endpoint: str, trust: Trust | None) -> str:
 def test_members_generate_greedy_like_local_and_never_use_the_outsider(private, member):
     local = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(DEFAULT_MODEL).folder, dtype=torch.float32).eval()
     inputs = member.tokenizer("The capital of France is", return_tensors="pt")
-    ours = member.generate(**inputs, max_new_tokens=12, do_sample=False)
+    with member.inference_session(max_length=32) as session:
+        ours = member.generate(**inputs, max_new_tokens=12, do_sample=False, session=session)
+        assert session.endpoints == [private.alice.endpoint, private.bob.endpoint]
+        # alice pushed every step on to bob, over a members' TLS channel of her own
+        with channel(private.bob.endpoint, private.trust("carol")) as ch:
+            sessions = swarm_pb2_grpc.BlockServiceStub(ch).Info(swarm_pb2.InfoRequest(), timeout=5).sessions
+        assert [s.steps_pushed_in for s in sessions if s.session_id == session.session_id] == [12]
     theirs = local.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert ours.tolist() == theirs.tolist()
     seen = {r.endpoint for rs in member.swarm.records(refresh=True).values() for r in rs}
@@ -136,6 +142,7 @@ def test_a_revoked_member_is_refused_within_one_record_lifetime(private, member)
             ignored = time.monotonic() - revoked
         time.sleep(0.5)
     assert refused is not None and ignored is not None, (refused, ignored)
+    print(f"revoked: refused after {refused:.1f} s, records ignored after {ignored:.1f} s")
     assert info(private.alice.endpoint, dave).startswith("PERMISSION_DENIED: member 'dave' was revoked")
     assert info(private.alice.endpoint, carol) == "OK"  # nobody else is touched
     assert info(private.bob.endpoint, carol) == "OK"  # a revoked member's peer still answers; members skip it
