@@ -136,7 +136,8 @@ def overhead(maddr: str, tokens: int, train_steps: int) -> dict:
             checks = model.swarm.verifier.checks if model.swarm.verifier else 0
         finally:
             model.swarm.shutdown()
-        results[str(verify)] = {"decode_step_ms": round(decode_ms, 1), "train_step_ms": round(statistics.median(times), 1),
+        results[str(verify)] = {"decode_step_ms": round(decode_ms, 1),
+                                "train_step_ms": round(statistics.median(times), 1),
                                 "train_first_step_ms": round(times[0], 1), "train_checks": checks}
     base = results["0.0"]
     for verify in ("0.05", "0.2"):

@@ -47,7 +47,8 @@ def _forward_range(call: _Call, start: int, end: int, hidden: swarm_pb2.Tensor, 
     for hop in chain:
         request = call.forward_request(hop, hidden)
         try:
-            hidden = PeerConnection.to(hop.endpoint).forward(request, call.swarm.settings.request_timeout).hidden_states
+            connection = PeerConnection.to(hop.endpoint, call.swarm.trust)
+            hidden = connection.forward(request, call.swarm.settings.request_timeout).hidden_states
             if call.swarm.verifier is not None:
                 check_forward(call, hop, request, hidden)  # raises WrongOutputs
         except PeerCallError as e:
@@ -90,8 +91,8 @@ def _backward_requests(call: _Call, sent: list[tuple[Hop, swarm_pb2.ForwardReque
     for hop, forward in reversed(sent):
         inputs = forward.inputs
         try:
-            response = PeerConnection.to(hop.endpoint).backward(messages.backward_request(forward, grad),
-                                                            call.swarm.settings.request_timeout)
+            response = PeerConnection.to(hop.endpoint, call.swarm.trust).backward(
+                messages.backward_request(forward, grad), call.swarm.settings.request_timeout)
             if call.swarm.verifier is not None:
                 check_backward(call, hop, forward, grad, response)  # raises WrongOutputs
         except PeerCallError as e:

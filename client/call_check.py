@@ -21,7 +21,8 @@ def _forward_on(call, chain: list[Hop], hidden: swarm_pb2.Tensor) -> list[swarm_
     requests = []
     for hop in chain:
         requests.append(call.forward_request(hop, hidden, keep_graph=False))
-        hidden = PeerConnection.to(hop.endpoint).forward(requests[-1], call.swarm.settings.request_timeout).hidden_states
+        connection = PeerConnection.to(hop.endpoint, call.swarm.trust)
+        hidden = connection.forward(requests[-1], call.swarm.settings.request_timeout).hidden_states
     return requests + [hidden]
 
 
@@ -67,7 +68,7 @@ def check_backward(call, hop: Hop, forward: swarm_pb2.ForwardRequest, grad: swar
                     if len(chain) == 1 else _forward_on(call, chain, forward.inputs.hidden_states)[:-1])
         responses, upstream = [], grad
         for chain_hop, request in zip(reversed(chain), reversed(requests)):
-            responses.append(PeerConnection.to(chain_hop.endpoint).backward(
+            responses.append(PeerConnection.to(chain_hop.endpoint, call.swarm.trust).backward(
                 messages.backward_request(request, upstream), call.swarm.settings.request_timeout))
             upstream = responses[-1].grad_hidden_states
         return _gradients(responses)

@@ -9,7 +9,9 @@ inference session that a `RemoteCache` stands in for.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+
 import torch
 from transformers import AutoTokenizer, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
@@ -20,6 +22,7 @@ from swarm.checkpoint import resolve_checkpoint, config_fingerprint
 from swarm.compat import cache_kwargs, pop_cache
 from swarm.initial_peers import parse_initial_peers
 from swarm.loading import load_client_parts
+from swarm.membership import trust_from
 from swarm.models import ClientParts, get_family
 from swarm.registry import make_model_id
 from swarm.tuning import ExportTarget, LoRA
@@ -91,7 +94,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                         tuning_mode=None, pre_seq_len: int = 16,
                         lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
                         lora_targets: list[str] | None = None, peft_config=None, adapter: str | None = None,
-                        train_lm_head: bool = False) -> "DistributedModelForCausalLM":
+                        train_lm_head: bool = False, join: str | None = None) -> "DistributedModelForCausalLM":
         """The client half of `name_or_path` (a named model, HF folder or .gguf), joined to
         the swarm through `initial_peers` (multiaddrs printed by `swarm dht`).
 
@@ -105,10 +108,16 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         `train_lm_head` trains the LM head too, on top of a tuning method. `adapter` loads a folder
         written by `save_adapter` (or a PEFT LoRA/IA3/prefix-tuning folder), settings included.
 
+        `join`: a private swarm's member credential (the file or `swarmlm-member:` token from `swarm
+        invite`), as `SwarmSettings(join=...)`; a bad one raises `swarm.membership.CredentialError`.
+
         A malformed multiaddr in `initial_peers` raises `swarm.initial_peers.InitialPeersError` (a
         ValueError) before anything loads; a DHT that cannot be reached, `DHTJoinError`."""
         # Checked first: a malformed multiaddr is an InitialPeersError before anything loads.
         initial_peers = parse_initial_peers([initial_peers] if isinstance(initial_peers, str) else initial_peers)
+        if join is not None:
+            settings = dataclasses.replace(settings or SwarmSettings(), join=join)
+        trust_from(settings.join if settings else None, "join")  # a bad credential: one line, before loading
         checkpoint = resolve_checkpoint(name_or_path)
         config = checkpoint.config
         family = get_family(config)

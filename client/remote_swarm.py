@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 import hivemind
@@ -13,6 +14,7 @@ import hivemind
 from swarm.dht_process import OwnedDHT
 from swarm.flags import FlagsView
 from swarm.initial_peers import explained_join
+from swarm.membership import Trust, trust_from
 from swarm.reach import tunnels
 from swarm.reach.probe import peer_ids
 from swarm.registry import PeerRecord, PendingRecords, fetch_span_records, fetch_span_records_later
@@ -44,6 +46,8 @@ class SwarmSettings:
     # Fraction of each peer's calls redone on a replica to catch wrong outputs (client/verify.py);
     # a peer's first call of each kind is always checked. 0: no checks, nothing on the hot path.
     verify: float = 0.0
+    # A private swarm's member credential (a file or swarmlm-member: token, from `swarm invite`); None: an open swarm.
+    join: str | None = None
 
 
 class RemoteSwarm:
@@ -55,6 +59,8 @@ class RemoteSwarm:
             raise ValueError("initial_peers is empty: pass the multiaddr printed by `swarm dht`")
         self.model_id, self.num_blocks = model_id, num_blocks
         self.settings = settings or SwarmSettings()
+        # Checked before a DHT node starts: a bad credential is one line (CredentialError).
+        self.trust = trust_from(self.settings.join, "join")
         # A DHT process of our own that dies with this process (a killed client leaves no orphan).
         if dht is None:
             with explained_join(initial_peers):  # a DHTJoinError saying what to check
@@ -76,13 +82,14 @@ class RemoteSwarm:
         age, settings = time.monotonic() - self._records_time, self.settings
         if refresh or self._records is None or age > max(settings.records_ttl, settings.records_stale_ok):
             started = time.monotonic()
-            self._records, self._records_time = fetch_span_records(self.dht, self.model_id, self.num_blocks), started
+            self._records = fetch_span_records(self.dht, self.model_id, self.num_blocks, trust=self.trust)
+            self._records_time = started
         elif age > settings.records_ttl and self._fetching is None:
             # Started a moment later: the caller is opening a session, and its prefill is the
             # peers' heaviest moment (on one 2-core machine with 3 peers, a fetch run during it
             # cost the prefill about as much as the fetch saved the open).
             self._fetching = fetch_span_records_later(self.dht, self.model_id, self.num_blocks,
-                                                      delay=BACKGROUND_FETCH_DELAY)
+                                                      delay=BACKGROUND_FETCH_DELAY, trust=self.trust)
             self._fetch_started = time.monotonic()
         return self._records
 
@@ -109,8 +116,15 @@ class RemoteSwarm:
                 records = self.records(refresh=refresh)
                 self.measure_rtts(records, start, self.num_blocks if end is None else end)
                 return self.routes.find_chain(records, start, end, randomize)
-            except MissingBlocksError:
+            except MissingBlocksError as e:
                 if time.monotonic() > deadline:
+                    private = sorted(getattr(self._records, "private_swarms", ()))
+                    if private and not any(self._records.values()):
+                        raise PrivateSwarmError(e, private) from None
+                    if private:  # some blocks are served only in a private swarm
+                        raise MissingBlocksError(self.model_id, e.missing, self.num_blocks, hint=(
+                            f"; private swarm {', '.join(private)} serves the model too: join it with --join "
+                            "CREDENTIAL")) from None
                     raise
                 time.sleep(0.5)
                 refresh = True
@@ -119,7 +133,8 @@ class RemoteSwarm:
         """Pings the peers that could serve part of [start, end) and have no fresh round-trip
         time, in parallel; a peer that does not answer is avoided like a failed one."""
         peers = [p for p in self.routes.candidates(records) if start <= p.start and p.end <= end]
-        unreachable = set(self.routes.rtt.measure([tunnels.dial_target(p) for p in peers], ping))
+        pinger = ping if self.trust is None else partial(ping, trust=self.trust)
+        unreachable = set(self.routes.rtt.measure([tunnels.dial_target(p) for p in peers], pinger))
         for peer in peers:
             if tunnels.dial_target(peer) in unreachable:
                 self.routes.ban(peer.peer_id)
@@ -151,12 +166,21 @@ class RemoteSwarm:
         self.dht.shutdown()
 
 
-def ping(endpoint: str, timeout: float) -> float:
+class PrivateSwarmError(MissingBlocksError):
+    """The only peers found serve a private swarm this client is not a member of."""
+
+    def __init__(self, missing: MissingBlocksError, swarm_ids: list[str]):
+        RuntimeError.__init__(self, f"this swarm is private (id {', '.join(swarm_ids)}): join it with --join "
+                              "CREDENTIAL (SwarmSettings(join=...) in Python); ask its owner for `swarm invite NAME`")
+        self.missing = missing.missing
+
+
+def ping(endpoint: str, timeout: float, trust: Trust | None = None) -> float:
     """Seconds for an Info call to the peer at `endpoint`; raises PeerCallError if the peer
     cannot be reached. One that answers no faster than `timeout` counts as that slow: busy
     is not dead, and it may be the only peer of its blocks. A first call opens the connection
     (reused by every later call), so the second measures a round trip without handshakes."""
-    connection = PeerConnection.to(endpoint)
+    connection = PeerConnection.to(endpoint, trust)
     try:
         connection.info(timeout)
         started = time.perf_counter()

@@ -111,7 +111,8 @@ class InferenceSession:
                 open_msg = messages.inference_open(self.swarm.model_id, session_id or self.session_id, hop,
                                                    self.max_length, self.batch_size, self.dtype, settings.codec,
                                                    self.tuning)
-                streams.append(PeerConnection.to(hop.endpoint).start_inference(open_msg, settings.request_timeout))
+                connection = PeerConnection.to(hop.endpoint, self.swarm.trust)
+                streams.append(connection.start_inference(open_msg, settings.request_timeout))
             for stream in streams:
                 stream.wait_open()
         except PeerCallError:

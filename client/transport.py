@@ -16,6 +16,8 @@ import time
 
 import grpc
 
+from swarm.membership import Trust
+from swarm.membership.grpc_auth import channel
 from swarm.wire import swarm_pb2, swarm_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -27,8 +29,9 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-# The request itself was wrong: another peer would refuse it too, so retrying elsewhere is pointless.
-CLIENT_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT,)
+# The request itself was wrong, or (a private swarm) its caller is not or no longer a member:
+# another peer would refuse it too, so retrying elsewhere is pointless.
+CLIENT_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 class PeerCallError(RuntimeError):
@@ -40,22 +43,27 @@ class PeerCallError(RuntimeError):
 
 
 class PeerConnection:
-    """Stubs for one peer's BlockService over a shared channel."""
+    """Stubs for one peer's BlockService over a shared channel: plaintext in an open swarm, TLS
+    and member tokens in a private one (`trust`, swarm/membership/grpc_auth.py)."""
 
     _pool: dict[str, "PeerConnection"] = {}
     _pool_lock = threading.Lock()
 
-    def __init__(self, endpoint: str):
-        self.endpoint = endpoint
-        self.channel = grpc.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
+    def __init__(self, endpoint: str, trust: Trust | None = None):
+        self.endpoint, self.trust = endpoint, trust
+        self.channel = channel(endpoint, trust, options=_CHANNEL_OPTIONS)
         self.stub = swarm_pb2_grpc.BlockServiceStub(self.channel)
 
     @classmethod
-    def to(cls, endpoint: str) -> "PeerConnection":
+    def to(cls, endpoint: str, trust: Trust | None = None) -> "PeerConnection":
+        """The pooled connection to `endpoint`, of the kind `trust` asks for (TLS and member
+        tokens in a private swarm). Callers that pass no trust get whichever is open, or a
+        plaintext one if none is."""
         with cls._pool_lock:
-            if endpoint not in cls._pool:
-                cls._pool[endpoint] = cls(endpoint)
-            return cls._pool[endpoint]
+            found = cls._pool.get(endpoint)
+            if found is None or (trust is not None and found.trust is not trust):
+                found = cls._pool[endpoint] = cls(endpoint, trust)
+            return found
 
     def _unary(self, method, request, timeout: float):
         try:

@@ -1,4 +1,8 @@
-"""This peer's records in the DHT: announced, kept fresh while it serves, withdrawn at the end."""
+"""This peer's records in the DHT: announced, kept fresh while it serves, withdrawn at the end.
+
+In a private swarm the records are signed with the member's credential, and the swarm's
+revocation list is read every REVOCATIONS_PERIOD, so that the peer refuses a revoked member's
+calls within seconds of its publication."""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import logging
 import time
 from typing import Any, Callable
 
+from swarm.membership.published import REPUBLISH_SECONDS, read_revocations
+from swarm.membership.trust import Trust
 from swarm.registry import ModelRecord, PeerRecord, announce, announce_model, withdraw
 
 from .threads import in_daemon_thread
@@ -16,13 +22,15 @@ logger = logging.getLogger(__name__)
 # Records live this many announce periods, so two lost refreshes do not make the peer vanish.
 RECORD_LIFETIME_PERIODS = 3
 DHT_CALL_TIMEOUT = 5.0  # s; a DHT call that takes longer is abandoned (the DHT may be gone)
+REVOCATIONS_PERIOD = REPUBLISH_SECONDS  # s; as often as the swarm's DHT node republishes the list
 
 
 class Announcer:
     """Keeps this peer's records in the DHT fresh, and withdraws them at the end."""
 
-    def __init__(self, dht, model: ModelRecord, peer_record: Callable[[], PeerRecord], period: float) -> None:
-        self.dht, self.model, self.peer_record, self.period = dht, model, peer_record, period
+    def __init__(self, dht, model: ModelRecord, peer_record: Callable[[], PeerRecord], period: float,
+                 trust: Trust | None = None) -> None:
+        self.dht, self.model, self.peer_record, self.period, self.trust = dht, model, peer_record, period, trust
         self._last_expiration = 0.0
         self._record: PeerRecord | None = None
         # One DHT write at a time, in the order asked: a refresh racing a move must not store
@@ -41,8 +49,8 @@ class Announcer:
         expiration = self._last_expiration = get_dht_time() + RECORD_LIFETIME_PERIODS * self.period
 
         def store() -> bool:
-            model_stored = announce_model(self.dht, self.model, expiration)
-            return announce(self.dht, record, expiration) and model_stored
+            model_stored = announce_model(self.dht, self.model, expiration, trust=self.trust)
+            return announce(self.dht, record, expiration, trust=self.trust) and model_stored
 
         try:
             stored = await self.call(store)
@@ -60,6 +68,19 @@ class Announcer:
                 return
             except asyncio.TimeoutError:
                 await self.announce()
+
+    async def follow_revocations(self, stop: asyncio.Event) -> None:
+        """In a private swarm: reads the revocation list every REVOCATIONS_PERIOD until `stop`."""
+        trust = self.trust
+        while trust is not None and not stop.is_set():
+            try:
+                await self.call(lambda: read_revocations(self.dht, trust))
+            except Exception as e:  # the DHT is best effort: the next read may work
+                logger.warning("reading the swarm's revocation list failed: %s", e)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=REVOCATIONS_PERIOD)
+            except asyncio.TimeoutError:
+                pass
 
     async def withdraw(self, start: int | None = None, end: int | None = None) -> bool:
         """Tombstones over the last announced records: all of them, or blocks [start, end)

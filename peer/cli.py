@@ -35,6 +35,9 @@ examples:
   swarm dht --host 127.0.0.1 --maddr-file dht.txt
   swarm peer --initial-peers $(head -1 dht.txt) --blocks 0:15
 
+  # a member of a private swarm (see `swarm init --help`)
+  swarm peer --join alice.pem --initial-peers $(head -1 dht.txt) --blocks 0:15
+
   # let the peer choose: 10 blocks where the swarm is weakest, moving later if needed
   swarm peer --initial-peers $(head -1 dht.txt) --num-blocks 10
 
@@ -115,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: --host, or 127.0.0.1 when listening on all interfaces)")
     net.add_argument("--public-port", type=_port, metavar="PORT",
                      help="port clients should dial, if it differs from the bound one (port forwarding, proxy)")
+    net.add_argument("--join", metavar="CREDENTIAL",
+                     help="serve a private swarm as a member: the credential file or swarmlm-member: token that "
+                     "`swarm invite NAME` made; the peer signs its records, serves TLS and answers only members "
+                     "(default: an open swarm)")
     net.add_argument("--announce-period", type=_positive(float), default=defaults.announce_period, metavar="SECONDS",
                      help="how often to refresh the DHT announcement; it expires after 3 periods "
                      "(default: %(default)s)")
@@ -191,6 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.public_host in ("0.0.0.0", "::"):
         return _fail(f"--public-host {args.public_host} means 'all interfaces'; give an address clients can dial")
 
+    from swarm.membership import CredentialError, trust_from
+
+    try:
+        trust = trust_from(args.join)
+    except CredentialError as e:
+        return _fail(str(e))
+
     import torch  # heavy: after --help and argument errors
 
     from swarm.checkpoint import CheckpointError, resolve_checkpoint
@@ -238,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         session_timeout=args.session_timeout, backward_memory_mb=args.backward_memory,
         threads=args.threads, decode_threads=args.decode_threads, join_wait_ms=max(0.0, args.join_wait_ms),
         announce_period=args.announce_period,
-        blocks_wanted=args.num_blocks, balance_period=args.balance_period,
+        blocks_wanted=args.num_blocks, balance_period=args.balance_period, trust=trust,
         lie=args.lie, lie_scale=args.lie_scale, lie_seed=args.lie_seed,
     )
 

@@ -72,7 +72,8 @@ class SpanCompute:
             grads = self.span.backward(call.inputs, grad_outputs, self._between_blocks)
         codec = call.response_codec
         grad_inputs = grads.hidden_states if self.liar is None else self.liar.distort(grads.hidden_states)
-        response = swarm_pb2.BackwardResponse(grad_hidden_states=serialize_tensor(grad_inputs.to(call.client_dtype), codec))
+        response = swarm_pb2.BackwardResponse(
+            grad_hidden_states=serialize_tensor(grad_inputs.to(call.client_dtype), codec))
         if grads.deep_prompts is not None:
             response.grad_deep_prompts.CopyFrom(serialize_tensor(grads.deep_prompts, codec))
         for msg, tensors in zip(adapter_msgs, grads.adapters):

@@ -7,6 +7,10 @@ Kept free of heavy imports so `swarm peer --help` and argument errors are instan
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from swarm.membership import Trust
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class PeerConfig:
     lie: str | None = None
     lie_scale: float = 0.5
     lie_seed: int = 0
+    # --join: this member's trust in a private swarm (signed records, TLS + member tokens); None: an open swarm.
+    trust: Trust | None = None
 
     @property
     def announced_host(self) -> str:

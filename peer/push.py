@@ -55,6 +55,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from swarm.membership.grpc_auth import aio_channel
+from swarm.membership.trust import Trust
 from swarm.wire import swarm_pb2, swarm_pb2_grpc
 
 from .push_stream import PushLink, serve_push_stream
@@ -157,8 +159,8 @@ class PushRouter:
     """This peer's end of push: the inboxes of its open sessions (by session id) and the
     channels it pushes on. Lives on the server's event loop."""
 
-    def __init__(self, timeout: float = PUSH_TIMEOUT) -> None:
-        self.timeout = timeout
+    def __init__(self, timeout: float = PUSH_TIMEOUT, trust: Trust | None = None) -> None:
+        self.timeout, self.trust = timeout, trust  # trust: a private swarm's, for the channels to next peers
         self._inboxes: dict[str, SessionInbox] = {}
         self._channels: dict[str, tuple[grpc.aio.Channel, swarm_pb2_grpc.BlockServiceStub]] = {}
         self._links: dict[str, PushLink] = {}  # the open PushStream to each next peer
@@ -290,7 +292,7 @@ class PushRouter:
         """One channel per next peer, reused by every session that pushes there. (gRPC sets
         no limit on what it sends; the target enforces its own message size limit.)"""
         if endpoint not in self._channels:
-            channel = grpc.aio.insecure_channel(endpoint)
+            channel = aio_channel(endpoint, self.trust)
             self._channels[endpoint] = channel, swarm_pb2_grpc.BlockServiceStub(channel)
         return self._channels[endpoint][1]
 

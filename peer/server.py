@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 import swarm
 from swarm.checkpoint import Checkpoint, config_fingerprint
+from swarm.membership.grpc_auth import add_port, server_interceptors
 from swarm.models import get_family
 from swarm.ready_line import PeerReady
 from swarm.registry import ModelRecord, PeerState
@@ -72,11 +73,14 @@ async def _serve(config: PeerConfig, checkpoint: Checkpoint, dht, on_ready: Call
     model = ModelRecord(model_name=checkpoint.name, num_blocks=family.num_blocks, config_fingerprint=fingerprint,
                         version=swarm.__version__)
 
+    if config.trust is not None:
+        logger.info("serving private swarm %s as member %r: signed records, TLS, members' calls only",
+                    config.trust.swarm_id, config.trust.name)
     runtime = ComputeRuntime(threads=config.threads, light_threads=config.decode_threads,
                              join_wait=config.join_wait_ms / 1000)
     switch = SpanSwitch()
     max_bytes = config.limits.max_message_bytes
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=server_interceptors(config.trust), options=[
         ("grpc.max_send_message_length", max_bytes),
         ("grpc.max_receive_message_length", max_bytes),
         ("grpc.so_reuseport", 0),  # a second peer on a taken port must fail, not share it
@@ -85,7 +89,7 @@ async def _serve(config: PeerConfig, checkpoint: Checkpoint, dht, on_ready: Call
     try:
         listen = format_endpoint(config.host, config.port)
         try:
-            port = server.add_insecure_port(listen)
+            port = add_port(server, listen, config.trust)  # TLS in a private swarm
         except RuntimeError as e:
             raise PeerStartError(f"cannot listen on {listen} ({e}); is the port taken? pick another --port, or 0 "
                                  "for any free one") from None
@@ -105,7 +109,7 @@ async def _serve(config: PeerConfig, checkpoint: Checkpoint, dht, on_ready: Call
 
         balancer = Balancer(host, config.blocks_wanted, config.balance_period) if config.blocks_wanted else None
         # Refreshed from the first (joining) announcement on: loading may outlast its records.
-        refreshing = asyncio.ensure_future(host.announcer.refresh_until(stop))
+        refreshing = asyncio.gather(host.announcer.refresh_until(stop), host.announcer.follow_revocations(stop))
         try:
             return await _place_load_and_serve(host, balancer, server, stop, on_ready)
         finally:

@@ -24,6 +24,7 @@ import torch
 import swarm
 from swarm.blocks import BlockSpan
 from swarm.dtypes import dtype_name
+from swarm.membership.trust import Trust
 from swarm.wire import swarm_pb2, swarm_pb2_grpc
 
 from .compute import SpanCompute
@@ -55,13 +56,13 @@ class ServedModel:
 class BlockService(swarm_pb2_grpc.BlockServiceServicer):
     def __init__(self, span: BlockSpan, served: ServedModel, runtime: ComputeRuntime, budget: CacheBudget,
                  limits: PeerLimits, session_timeout: float, kept: KeptGraphs | None = None,
-                 liar: Liar | None = None) -> None:
+                 liar: Liar | None = None, trust: Trust | None = None) -> None:
         self.span, self.served, self.runtime, self.budget = span, served, runtime, budget
         self.kept = KeptGraphs(DEFAULT_BACKWARD_MEMORY) if kept is None else kept
         self.limits, self.session_timeout = limits, session_timeout
         self.decoder = RequestDecoder(span, served.model_id, limits)
         self.compute = SpanCompute(span, self.kept, runtime.make_way, liar)
-        self.pushes = PushRouter()
+        self.pushes = PushRouter(trust=trust)
         self.sessions = InferenceSessions(span, self.decoder, self.compute, runtime, budget, self.pushes,
                                           session_timeout)
 

@@ -59,7 +59,7 @@ class SpanHost:
         self.span: BlockSpan | None = None
         self.service: BlockService | None = None
         self.tokens_before_move = 0  # served on spans left behind: the record's counter never goes back
-        self.announcer = Announcer(dht, model, self.record, config.announce_period)
+        self.announcer = Announcer(dht, model, self.record, config.announce_period, trust=config.trust)
 
     def record(self) -> PeerRecord:
         service, span = self.service, self.span
@@ -74,7 +74,8 @@ class SpanHost:
     async def fetch_records(self) -> list[PeerRecord]:
         """Every valid record of the model's blocks (one DHT call)."""
         model = self.model
-        by_block = await self.announcer.call(lambda: fetch_span_records(self.dht, model.model_id, model.num_blocks))
+        by_block = await self.announcer.call(
+            lambda: fetch_span_records(self.dht, model.model_id, model.num_blocks, trust=self.config.trust))
         return [record for records in by_block.values() for record in records]
 
     async def announce(self, state: PeerState, start: int | None = None, end: int | None = None) -> bool:
@@ -118,7 +119,7 @@ class SpanHost:
                     config.cache_tokens * per_token / 2**20)
         self.span = span
         self.service = BlockService(span, served, self.runtime, budget, config.limits, config.session_timeout,
-                                    kept=KeptGraphs(config.backward_memory_mb * 2**20),
+                                    kept=KeptGraphs(config.backward_memory_mb * 2**20), trust=config.trust,
                                     liar=Liar(config.lie, config.lie_scale, config.lie_seed) if config.lie else None)
         self.switch.serve(self.service)
         return True

@@ -17,6 +17,7 @@ import threading
 from typing import Sequence
 
 from .initial_peers import explained_join, exit_if_not_joined, initial_peers_argument
+from .membership.identity import IdentityError, SwarmIdentity, add_swarm_dir_argument
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dashboard-host", default="127.0.0.1", metavar="IP",
                         help="address the dashboard listens on (default: %(default)s, this machine only; "
                         "0.0.0.0 to show it to others)")
+    parser.add_argument("--private", action="store_true",
+                        help="run a private swarm: only members (`swarm invite NAME`, then `--join CREDENTIAL`) "
+                        "are used and served; creates the swarm identity in --swarm-dir if missing, and keeps its "
+                        "revocation list (`swarm revoke NAME`) published")
+    add_swarm_dir_argument(parser)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="stderr log level (default: %(default)s)")
     return parser
@@ -97,12 +103,15 @@ def serve_probes(dht, relays: list[str]) -> None:
     asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
 
 
-def serve_dashboard(parser: argparse.ArgumentParser, dht, host: str, port: int):
-    """The dashboard on host:port, or exit 1 with a one-line error (after the DHT shuts down)."""
+def serve_dashboard(parser: argparse.ArgumentParser, dht, host: str, port: int, identity=None):
+    """The dashboard on host:port, or exit 1 with a one-line error (after the DHT shuts down);
+    of a private swarm's members when given its `identity`."""
     from .dashboard import DashboardServer
+    from .membership import Trust
 
+    trust = Trust(identity.owner_credential()) if identity is not None else None
     try:
-        dashboard = DashboardServer(dht, host, port)
+        dashboard = DashboardServer(dht, host, port, trust=trust)
     except OSError as e:
         print(f"{parser.prog}: error: --dashboard {port}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
@@ -140,6 +149,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if missing := missing_dependencies():
             parser.error(f"--dashboard: {missing}")
 
+    identity = None
+    if args.private:
+        try:
+            identity, created = SwarmIdentity.load_or_create(args.swarm_dir)
+        except (IdentityError, OSError) as e:
+            print(f"{parser.prog}: error: {e}", file=sys.stderr)
+            return 1
+        print(f"private swarm {identity.swarm_id} ({'created in' if created else 'from'} {identity.folder}); "
+              f"invite members with: swarm invite NAME --swarm-dir {identity.folder}", file=sys.stderr, flush=True)
+
     # Signals are caught before the DHT starts so an early SIGTERM still shuts it down cleanly.
     stop = threading.Event()
     main_pid = os.getpid()
@@ -170,8 +189,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.maddr_file:
             write_atomically(args.maddr_file, "".join(m + "\n" for m in maddrs))
         print("\n".join(maddrs), flush=True)
+        if identity is not None:
+            from .membership.published import keep_published
+
+            keep_published(dht, identity, stop)
         if args.dashboard is not None:
-            dashboard = serve_dashboard(parser, dht, args.dashboard_host, args.dashboard)
+            dashboard = serve_dashboard(parser, dht, args.dashboard_host, args.dashboard, identity)
         logger.info("DHT node %s running; stop with Ctrl-C or SIGTERM", dht.peer_id)
         while not stop.wait(timeout=1.0):  # a timed wait keeps the main thread responsive to signals
             pass

@@ -2,8 +2,7 @@
 
 Keys (see DESIGN.md):
   "{model_id}.block.{i}"  subkey = peer id, value = that peer's PeerRecord (as a plain dict)
-  "{model_id}.model"      subkey = announcer's DHT peer id, value = the ModelRecord
-  "swarmlm.models"        subkey = model_id, value = its ModelRecord (the index of every model)
+  "{model_id}.model", "swarmlm.models": the ModelRecords (swarm/model_records.py)
 
 Everything read from the DHT is untrusted: any participant may store anything under
 any key. Readers therefore validate each value with pydantic and skip what fails,
@@ -13,11 +12,15 @@ Withdrawal: hivemind cannot delete, and a subkey is only replaced by a value wit
 *later* expiration time. `withdraw` therefore stores a tombstone (`{"withdrawn": True}`)
 that outlives the last announcement; readers drop tombstones silently. `draining` stays
 a real, visible state (a peer finishing its sessions but taking no new ones).
+
+Private swarms: a member's records carry its signature (swarm/membership/trust.py), and a
+reader given the member's `Trust` takes only records signed by a current member of its swarm,
+learning the swarm's revocations in the same DHT call; an open swarm's reader takes only
+unsigned ones and notes the private swarms it saw (`SpanRecords.private_swarms`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import ipaddress
 import logging
@@ -29,7 +32,13 @@ from hivemind.dht import DHT, DHTNode
 from hivemind.utils import get_dht_time
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .dht_calls import get_many, get_many_after, store_many
 from .dtypes import COMPUTE_DTYPES
+from .membership.revocation import revocation_key
+from .membership.trust import Trust, admitted
+from .model_records import MAX_STR as _MAX_STR
+from .model_records import (MODELS_KEY, ModelRecord, announce_model, fetch_model, fetch_models,  # noqa: F401
+                            make_model_id, model_key)
 from .reach.circuits import circuit_peer
 
 logger = logging.getLogger(__name__)
@@ -39,7 +48,6 @@ DEFAULT_RECORD_TTL = 30.0
 
 TOMBSTONE: dict[str, Any] = {"withdrawn": True}
 
-_MAX_STR = 256  # bounds untrusted strings so one junk record cannot bloat a reader
 _MODEL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,79}$")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 DType = Literal[COMPUTE_DTYPES]
@@ -129,75 +137,19 @@ class PeerRecord(BaseModel):
         return range(self.start, self.end)
 
 
-class ModelRecord(BaseModel):
-    """What a client needs to know that a model exists in the swarm."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore", protected_namespaces=())
-
-    model_name: str = Field(min_length=1, max_length=_MAX_STR)
-    num_blocks: int = Field(gt=0, le=100_000)
-    config_fingerprint: str = Field(pattern=r"^[0-9a-fA-F]{8,256}$")  # hex digest
-    version: str = Field(max_length=64)
-
-    @property
-    def model_id(self) -> str:
-        return make_model_id(self.model_name, self.config_fingerprint)
-
-
 # --- keys ---------------------------------------------------------------------------
-
-
-def make_model_id(model_name: str, config_fingerprint: str) -> str:
-    """'HuggingFaceTB/SmolLM2-135M-Instruct', 'ab12cd34...' -> 'smollm2-135m-instruct-ab12cd34'.
-
-    Only the last path component names the model, so a hub id and a local folder of the
-    same weights agree; the fingerprint prefix keeps different configs apart.
-    """
-    fp = config_fingerprint.strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{8,}", fp):
-        raise ValueError(f"config_fingerprint {config_fingerprint!r} must be a hex digest of at least 8 digits")
-    base = re.split(r"[/\\]", model_name.strip().rstrip("/\\"))[-1].lower()
-    base = re.sub(r"[^a-z0-9._-]+", "-", base).strip("-._")[:64] or "model"
-    return f"{base}-{fp[:8]}"
 
 
 def block_key(model_id: str, index: int) -> str:
     return f"{model_id}.block.{index}"
 
 
-def model_key(model_id: str) -> str:
-    return f"{model_id}.model"
-
-
-# The index of models (the DHT cannot list its keys): subkey = model_id, value = its ModelRecord.
-MODELS_KEY = "swarmlm.models"
-
-
 # --- block records ------------------------------------------------------------------
-
-
-async def _store_many(
-    _dht: DHT, node: DHTNode, keys: list[str], subkeys: list[str], values: list[Any], expiration: float
-) -> dict[Any, bool]:
-    # Runs inside the DHT process: one traversal stores every key, instead of one per block.
-    return await node.store_many(keys, values, expiration, subkeys=subkeys)
-
-
-async def _get_many(
-    _dht: DHT, node: DHTNode, keys: list[str], latest: bool
-) -> dict[str, Any]:
-    # latest=True walks to every replica, so subkeys stored on different nodes are all merged.
-    return await node.get_many(keys, sufficient_expiration_time=float("inf") if latest else None)
-
-
-async def _get_many_after(dht: DHT, node: DHTNode, delay: float, keys: list[str], latest: bool) -> dict[str, Any]:
-    await asyncio.sleep(delay)
-    return await _get_many(dht, node, keys, latest)
 
 
 def _store_span(dht: DHT, record: PeerRecord, value: dict[str, Any], expiration: float) -> bool:
     keys = [block_key(record.model_id, i) for i in record.span]
-    result = dht.run_coroutine(partial(_store_many, keys=keys, subkeys=[record.peer_id] * len(keys),
+    result = dht.run_coroutine(partial(store_many, keys=keys, subkeys=[record.peer_id] * len(keys),
                                        values=[value] * len(keys), expiration=expiration))
     failed = [key for key, ok in result.items() if not ok]
     if failed:
@@ -206,12 +158,14 @@ def _store_span(dht: DHT, record: PeerRecord, value: dict[str, Any], expiration:
     return not failed
 
 
-def announce(dht: DHT, record: PeerRecord, expiration: float) -> bool:
-    """Store `record` under every block key of its span until `expiration` (DHT time).
+def announce(dht: DHT, record: PeerRecord, expiration: float, trust: Trust | None = None) -> bool:
+    """Store `record` under every block key of its span until `expiration` (DHT time), signed
+    by this member in a private swarm (`trust`).
 
     Returns True if every key was stored.
     """
-    return _store_span(dht, record, record.model_dump(mode="json"), expiration)
+    value = record.model_dump(mode="json")
+    return _store_span(dht, record, value if trust is None else trust.sign(value), expiration)
 
 
 def withdraw(dht: DHT, record: PeerRecord, expiration: float | None = None) -> bool:
@@ -242,46 +196,60 @@ def _parse_peer_value(model_id: str, index: int, num_blocks: int, subkey: Any, v
     return record
 
 
-def fetch_span_records(
-    dht: DHT, model_id: str, num_blocks: int, latest: bool = True
-) -> dict[int, list[PeerRecord]]:
-    """Valid, unexpired records for every block: {i: [PeerRecord, ...]} for i in range(num_blocks).
+class SpanRecords(dict):
+    """{block: [PeerRecord, ...]}, and the ids of the private swarms whose records were
+    skipped because the reader is not their member (`private_swarms`)."""
+
+    private_swarms: frozenset[str] = frozenset()
+
+
+def _keys(model_id: str, num_blocks: int, trust: Trust | None) -> list[str]:
+    """The block keys, then (a member's read) the swarm's revocation list: one DHT call."""
+    keys = [block_key(model_id, i) for i in range(num_blocks)]
+    return keys + [revocation_key(trust.swarm_id)] if trust is not None else keys
+
+
+def fetch_span_records(dht: DHT, model_id: str, num_blocks: int, latest: bool = True,
+                       trust: Trust | None = None) -> SpanRecords:
+    """Valid, unexpired records for every block: {i: [PeerRecord, ...]} for i in range(num_blocks);
+    in a private swarm (`trust`) only those signed by its current members, else only unsigned ones.
 
     Blocks nobody serves map to []. One DHT call for all blocks. Never raises on bad data.
     """
-    keys = [block_key(model_id, i) for i in range(num_blocks)]
-    return _span_records(dht.run_coroutine(partial(_get_many, keys=keys, latest=latest)), model_id, keys)
+    keys = _keys(model_id, num_blocks, trust)
+    return _span_records(dht.run_coroutine(partial(get_many, keys=keys, latest=latest)), model_id, num_blocks, trust)
 
 
 class PendingRecords:
     """A `fetch_span_records` under way (`fetch_span_records_later`): `done()`, then `result()`."""
 
-    def __init__(self, future, model_id: str, keys: list[str]) -> None:
-        self._future, self._model_id, self._keys = future, model_id, keys
+    def __init__(self, future, model_id: str, num_blocks: int, trust: Trust | None) -> None:
+        self._future, self._model_id, self._num_blocks, self._trust = future, model_id, num_blocks, trust
 
     def done(self) -> bool:
         return self._future.done()
 
-    def result(self) -> dict[int, list[PeerRecord]]:
+    def result(self) -> SpanRecords:
         """The records; raises what the DHT call raised."""
-        return _span_records(self._future.result(), self._model_id, self._keys)
+        return _span_records(self._future.result(), self._model_id, self._num_blocks, self._trust)
 
 
 def fetch_span_records_later(dht: DHT, model_id: str, num_blocks: int, latest: bool = True,
-                             delay: float = 0.0) -> PendingRecords:
+                             delay: float = 0.0, trust: Trust | None = None) -> PendingRecords:
     """`fetch_span_records` without waiting for the DHT, started `delay` s from now: the caller
     goes on meanwhile."""
-    keys = [block_key(model_id, i) for i in range(num_blocks)]
-    fetch = partial(_get_many_after, delay=delay, keys=keys, latest=latest)
-    return PendingRecords(dht.run_coroutine(fetch, return_future=True), model_id, keys)
+    fetch = partial(get_many_after, delay=delay, keys=_keys(model_id, num_blocks, trust), latest=latest)
+    return PendingRecords(dht.run_coroutine(fetch, return_future=True), model_id, num_blocks, trust)
 
 
-def _span_records(found: dict, model_id: str, keys: list[str]) -> dict[int, list[PeerRecord]]:
-    num_blocks = len(keys)
+def _span_records(found: dict, model_id: str, num_blocks: int, trust: Trust | None) -> SpanRecords:
     now = get_dht_time()
-    records: dict[int, list[PeerRecord]] = {}
-    for i, key in enumerate(keys):
+    if trust is not None:  # revocations first: they apply to this very read
+        trust.learn_revocations(_live_values(found.get(revocation_key(trust.swarm_id)), now))
+    records, private_swarms = SpanRecords(), set()
+    for i in range(num_blocks):
         records[i] = []
+        key = block_key(model_id, i)
         entry = found.get(key)
         if entry is None:
             continue
@@ -289,61 +257,22 @@ def _span_records(found: dict, model_id: str, keys: list[str]) -> dict[int, list
             logger.debug("skipping non-dictionary value under %s: %r", key, entry.value)
             continue
         for subkey, item in entry.value.items():
-            if item.expiration_time < now:
+            if item.expiration_time < now or not admitted(item.value, trust, private_swarms):
                 continue
             record = _parse_peer_value(model_id, i, num_blocks, subkey, item.value)
             if record is not None:
                 records[i].append(record)
+    records.private_swarms = frozenset(private_swarms)
     return records
+
+
+def _live_values(entry: Any, now: float) -> list[Any]:
+    if entry is None or not isinstance(entry.value, dict):
+        return []
+    return [item.value for item in entry.value.values() if item.expiration_time >= now]
 
 
 def peers_by_id(records: dict[int, list[PeerRecord]] | Iterable[PeerRecord]) -> dict[str, PeerRecord]:
     """Collapse per-block records (or a flat iterable of them) to one record per peer."""
     flat = (r for rs in records.values() for r in rs) if isinstance(records, dict) else records
     return {r.peer_id: r for r in flat}
-
-
-# --- model record -------------------------------------------------------------------
-
-
-def announce_model(dht: DHT, record: ModelRecord, expiration: float) -> bool:
-    """Store the model record under its key, each announcer under its own subkey (so one junk
-    subkey hides nothing), and in the index of models (MODELS_KEY), in one DHT call.
-
-    Returns whether the model's own key was stored; the index is best effort (another peer of
-    the model may just have stored a later copy there)."""
-    key, subkey, value = model_key(record.model_id), dht.peer_id.to_base58(), record.model_dump(mode="json")
-    stored = dht.run_coroutine(partial(_store_many, keys=[key, MODELS_KEY], subkeys=[subkey, record.model_id],
-                                       values=[value, value], expiration=expiration))
-    return bool(stored.get((key, subkey)))
-
-
-def fetch_model(dht: DHT, model_id: str, latest: bool = True) -> ModelRecord | None:
-    """The model's record, or None if nobody announces a valid one."""
-    # Newest first: if announcers disagree on e.g. version, the freshest wins.
-    for _, record in _model_records(dht.get(model_key(model_id), latest=latest), model_key(model_id)):
-        if record.model_id == model_id:
-            return record
-        logger.debug("skipping model record for %s under %s", record.model_id, model_key(model_id))
-    return None
-
-
-def fetch_models(dht: DHT, latest: bool = True) -> list[ModelRecord]:
-    """Every model the swarm's peers announce (the index under MODELS_KEY), one DHT call."""
-    entry = dht.run_coroutine(partial(_get_many, keys=[MODELS_KEY], latest=latest)).get(MODELS_KEY)
-    return sorted({r.model_id: r for subkey, r in _model_records(entry, MODELS_KEY) if r.model_id == subkey}.values(),
-                  key=lambda r: r.model_id)
-
-
-def _model_records(entry: Any, key: str) -> Iterable[tuple[Any, ModelRecord]]:
-    """(subkey, record) for the valid, unexpired ModelRecords of one DHT entry, newest first."""
-    if entry is None or not isinstance(entry.value, dict):
-        return
-    now = get_dht_time()
-    for subkey, item in sorted(entry.value.items(), key=lambda kv: -kv[1].expiration_time):
-        if item.expiration_time < now:
-            continue
-        try:
-            yield subkey, ModelRecord.model_validate(item.value)
-        except ValidationError as e:
-            logger.debug("skipping malformed model record under %s/%r: %s", key, subkey, e)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from swarm.initial_peers import exit_if_not_joined, initial_peers_argument
+from swarm.membership.join_flag import add_join_argument, join_argument
 from swarm.named_models import DEFAULT_MODEL  # no torch: --help and argument errors stay instant
 
 from .swarm_options import add_verify
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--initial-peers", action="append", required=True, metavar="MULTIADDR",
                         help="a DHT multiaddr, as printed by `swarm dht` (repeatable or comma-separated)")
+    add_join_argument(parser)
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, HF folder or .gguf (default {DEFAULT_MODEL})")
     parser.add_argument("--data", required=True, metavar="FILE.jsonl", help="training examples (see below)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where the adapter, loss curve and state go")
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_args(parser, args)
     peers = initial_peers_argument(parser, args.initial_peers)
+    join = join_argument(parser, args.join)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         model = AutoDistributedModelForCausalLM.from_pretrained(
             args.model, initial_peers=peers, tuning_mode=tuning_modes(args), pre_seq_len=args.pre_seq_len,
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-            lora_targets=setup.get("lora_targets"), settings=SwarmSettings(verify=args.verify))
+            lora_targets=setup.get("lora_targets"), join=join, settings=SwarmSettings(verify=args.verify))
     try:
         if model.tokenizer is None:
             print(f"swarm finetune: error: {args.model} has no tokenizer to read the data with", file=sys.stderr)

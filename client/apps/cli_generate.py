@@ -8,6 +8,7 @@ import sys
 import time
 
 from swarm.initial_peers import exit_if_not_joined, initial_peers_argument
+from swarm.membership.join_flag import add_join_argument, join_argument
 from swarm.named_models import DEFAULT_MODEL  # no torch: --help and argument errors stay instant
 
 from .swarm_options import add_verify
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--chat without a prompt starts an interactive chat")
     parser.add_argument("--initial-peers", action="append", required=True, metavar="MULTIADDR",
                         help="a DHT multiaddr, as printed by `swarm dht` (repeatable)")
+    add_join_argument(parser)
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, HF folder or .gguf (default {DEFAULT_MODEL})")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -47,13 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     peers = initial_peers_argument(parser, args.initial_peers)
+    join = join_argument(parser, args.join)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import torch
     from transformers import TextStreamer
 
     from client import AutoDistributedModelForCausalLM, SwarmSettings
 
-    settings = SwarmSettings(codec=args.codec, allow_quantized=not args.full_precision, verify=args.verify)
+    settings = SwarmSettings(codec=args.codec, allow_quantized=not args.full_precision, verify=args.verify, join=join)
     with exit_if_not_joined(parser.prog):
         model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=peers, settings=settings)
     tokenizer = model.tokenizer
@@ -72,9 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
     sampling = sampling_options(args)
     start = time.perf_counter()
-    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
-                            streamer=TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True),
-                            pad_token_id=tokenizer.pad_token_id, **sampling)
+    from client.routing import MissingBlocksError
+
+    try:
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
+                                streamer=TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True),
+                                pad_token_id=tokenizer.pad_token_id, **sampling)
+    except MissingBlocksError as e:  # nobody serves some blocks, or the swarm is private: one line
+        print(f"swarm generate: error: {e}", file=sys.stderr)
+        model.swarm.shutdown()
+        return 1
     elapsed = time.perf_counter() - start
     new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
     print(f"[{new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s]", file=sys.stderr)

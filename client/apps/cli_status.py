@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from swarm.initial_peers import explained_join, exit_if_not_joined, initial_peers_argument
+from swarm.membership.join_flag import add_join_argument, join_argument
 from swarm.named_models import DEFAULT_MODEL  # no torch: --help and argument errors stay instant
 
 
@@ -14,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Show, per block of a model, the peers serving it.")
     parser.add_argument("--initial-peers", action="append", required=True, metavar="MULTIADDR",
                         help="a DHT multiaddr, as printed by `swarm dht` (repeatable)")
+    add_join_argument(parser)
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, HF folder or .gguf (default {DEFAULT_MODEL})")
     return parser
 
@@ -22,11 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     peers = initial_peers_argument(parser, args.initial_peers)
+    join = join_argument(parser, args.join)
     logging.basicConfig(level=logging.WARNING)
     import hivemind
 
     from swarm.checkpoint import config_fingerprint, resolve_checkpoint
     from swarm.models import get_family
+    from swarm.membership import trust_from
     from swarm.registry import fetch_span_records, make_model_id, peers_by_id
 
     from client.routing import format_blocks
@@ -37,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     with exit_if_not_joined(parser.prog), explained_join(peers):
         dht = hivemind.DHT(initial_peers=peers, client_mode=True, start=True)
     try:
-        records = fetch_span_records(dht, model_id, num_blocks)
+        records = fetch_span_records(dht, model_id, num_blocks, trust=trust_from(join))
     finally:
         dht.shutdown()
     print(f"model {model_id}: {num_blocks} blocks")
@@ -51,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{peer.state.value:8} {peer.throughput:8.1f} tok/s  {peer.dtype:8} cache free {peer.cache_tokens_free}  "
               f"{reach}")
     missing = [i for i, rs in records.items() if not rs]
+    if records.private_swarms:
+        swarms = ", ".join(sorted(records.private_swarms))
+        print(f"(also peers of private swarm {swarms}: see them with --join CREDENTIAL)")
     if missing:
         print(f"UNCOVERED blocks: {format_blocks(missing)}")
         return 1

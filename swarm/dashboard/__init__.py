@@ -8,8 +8,8 @@ from __future__ import annotations
 from .server import DashboardServer, missing_dependencies
 
 
-def routes(dht, api: bool = True, watch=None):
+def routes(dht, api: bool = True, watch=None, trust=None):
     """See swarm.dashboard.pages.routes (imported here on use: it needs starlette)."""
     from .pages import routes as dashboard_routes
 
-    return dashboard_routes(dht, api=api, watch=watch)
+    return dashboard_routes(dht, api=api, watch=watch, trust=trust)

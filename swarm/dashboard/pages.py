@@ -14,7 +14,7 @@ NO_API = ("The chat box needs the swarm's HTTP API: this page is served by `swar
           "none. Open the dashboard of `swarm api` to chat.")
 
 
-def routes(dht, api: bool = True, watch: SwarmWatch | None = None) -> list[BaseRoute]:
+def routes(dht, api: bool = True, watch: SwarmWatch | None = None, trust=None) -> list[BaseRoute]:
     """The dashboard as Starlette routes, for an app to serve at its root:
 
     - `GET /`: the page (swarm/dashboard/static/index.html), `GET /dashboard.js`: its script;
@@ -23,7 +23,8 @@ def routes(dht, api: bool = True, watch: SwarmWatch | None = None) -> list[BaseR
 
     `dht` is a running `hivemind.DHT` (a client-mode one will do); unless `watch` is given, a
     `SwarmWatch(dht)` is started here, on a daemon thread that reads the DHT every 2 s for
-    the life of the process (pass your own to stop it on shutdown).
+    the life of the process (pass your own to stop it on shutdown); in a private swarm, with
+    the member's `trust` (swarm.membership.Trust), so that it shows the members' peers.
 
     `api=True`: the app also serves the OpenAI-compatible `POST /v1/chat/completions` (with
     `"stream": true`: SSE `data: {...}` chunks carrying `choices[0].delta.content`, ending
@@ -33,7 +34,7 @@ def routes(dht, api: bool = True, watch: SwarmWatch | None = None) -> list[BaseR
     Add these after the app's own routes (`Starlette(routes=[*api_routes, *routes(dht)])`,
     or `app.router.routes.extend(routes(dht))` with FastAPI): they claim only these three paths.
     """
-    watch = watch if watch is not None else SwarmWatch(dht).start()
+    watch = watch if watch is not None else SwarmWatch(dht, trust=trust).start()
     static = files(__package__) / "static"
     page, script = (static / "index.html").read_text(), (static / "dashboard.js").read_text()
     chat = {"enabled": api, "reason": None if api else NO_API}

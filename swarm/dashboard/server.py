@@ -20,16 +20,17 @@ def missing_dependencies() -> str | None:
 
 
 class DashboardServer:
-    """`DashboardServer(dht, host, port)` listens (port 0: any free one; see `.url`) until `stop()`."""
+    """`DashboardServer(dht, host, port)` listens (port 0: any free one; see `.url`) until `stop()`.
+    In a private swarm `trust` (a member's, swarm.membership.Trust) says whose records count."""
 
-    def __init__(self, dht, host: str, port: int) -> None:
+    def __init__(self, dht, host: str, port: int, trust=None) -> None:
         import uvicorn
         from starlette.applications import Starlette
 
         from .pages import routes
         from .watch import SwarmWatch
 
-        self.watch = SwarmWatch(dht).start()
+        self.watch = SwarmWatch(dht, trust=trust).start()
         app = Starlette(routes=routes(dht, api=False, watch=self.watch))
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                      access_log=False, lifespan="off"))

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+from swarm.membership.trust import Trust
 from swarm.registry import ModelRecord, fetch_models, fetch_span_records
 
 from .coverage import model_view
@@ -30,8 +31,10 @@ MAX_BLOCKS = 1024
 class SwarmWatch:
     """`SwarmWatch(dht).start()`; `snapshot()` from any thread; `stop()` at the end."""
 
-    def __init__(self, dht, period: float = SAMPLE_PERIOD, history_seconds: float = HISTORY_SECONDS) -> None:
+    def __init__(self, dht, period: float = SAMPLE_PERIOD, history_seconds: float = HISTORY_SECONDS,
+                 trust: Trust | None = None) -> None:
         self.dht, self.period, self.history_seconds = dht, period, history_seconds
+        self.trust = trust  # a private swarm's member: only its members' records count
         self._models: dict[str, tuple[ModelRecord, float]] = {}  # model_id -> (record, when last in the index)
         self._histories: dict[str, ModelHistory] = {}
         self._snapshot: dict[str, Any] = {"time": None, "models": [], "error": None}
@@ -67,14 +70,14 @@ class SwarmWatch:
     def sample(self, now: float | None = None) -> dict[str, Any]:
         """Reads the swarm once (one DHT call for the index, one per model) and returns the snapshot."""
         now = time.time() if now is None else now
-        for model in fetch_models(self.dht):
+        for model in fetch_models(self.dht, trust=self.trust):
             if model.num_blocks <= MAX_BLOCKS:
                 self._models[model.model_id] = (model, now)
         recent = [(i, seen) for i, seen in self._models.items() if now - seen[1] < GONE_MODEL_SECONDS]
         self._models = dict(sorted(recent, key=lambda item: -item[1][1])[:MAX_MODELS])  # the freshest
         views = []
         for model_id, (model, _) in sorted(self._models.items()):
-            records = fetch_span_records(self.dht, model_id, model.num_blocks)
+            records = fetch_span_records(self.dht, model_id, model.num_blocks, trust=self.trust)
             history = self._histories.setdefault(model_id, ModelHistory(self.period, self.history_seconds))
             history.add(model.num_blocks, records, now)
             views.append({**model_view(model, records), "history": history.view()})

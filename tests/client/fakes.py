@@ -79,7 +79,7 @@ class FakePeers:
         self.streams: dict[str, list[FakeStream]] = {}  # endpoint -> streams opened, oldest first
         self.calls: list[tuple[str, str, object]] = []  # (endpoint, "forward"/"backward", request)
 
-    def to(self, endpoint: str) -> "FakeConnection":
+    def to(self, endpoint: str, trust=None) -> "FakeConnection":
         return FakeConnection(self, endpoint)
 
     def stream(self, endpoint: str) -> "FakeStream":

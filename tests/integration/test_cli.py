@@ -20,7 +20,7 @@ def swarm_cli(*args: str, stdin: str | None = None, timeout: float = 180) -> sub
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("command", ["dht", "peer", "generate", "status", "finetune", "api"])
+@pytest.mark.parametrize("command", ["dht", "peer", "generate", "status", "finetune", "api", "init", "invite", "revoke"])
 def test_every_command_explains_itself(command):
     result = swarm_cli(command, "--help")
     assert result.returncode == 0, result.stderr
@@ -30,7 +30,7 @@ def test_every_command_explains_itself(command):
 def test_top_level_help_lists_commands():
     result = swarm_cli("--help")
     assert result.returncode == 0
-    for command in ("dht", "peer", "generate", "status", "finetune", "api"):
+    for command in ("dht", "peer", "generate", "status", "finetune", "api", "init", "invite", "revoke"):
         assert command in result.stdout
     assert swarm_cli("nonsense").returncode == 2
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from swarm.initial_peers import exit_if_not_joined, initial_peers_argument
+from swarm.membership.join_flag import add_join_argument, join_argument
 from swarm.named_models import DEFAULT_MODEL  # no torch: --help and argument errors stay instant
 
 from ..swarm_options import add_verify
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--initial-peers", action="append", required=True, metavar="MULTIADDR",
                         help="a DHT multiaddr, as printed by `swarm dht` (repeatable or comma-separated)")
+    add_join_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
     parser.add_argument("--model", action="append", metavar="NAME",
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_args(parser, args)
     peers = initial_peers_argument(parser, args.initial_peers)
+    join = join_argument(parser, args.join)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         sock = listening_socket(args.host, args.port)  # first: a taken port fails before seconds of loading
@@ -109,12 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     from .catalog import load_catalog
 
     with exit_if_not_joined(parser.prog):
-        catalog = load_catalog(peers, args.model, dict(args.adapter), SwarmSettings(codec=args.codec, verify=args.verify))
+        catalog = load_catalog(peers, args.model, dict(args.adapter),
+                               SwarmSettings(codec=args.codec, verify=args.verify, join=join))
     try:
         from swarm.dashboard import routes as dashboard_routes
+        from swarm.membership import trust_from
 
         app = create_app(catalog, ServerOptions(default_max_tokens=args.default_max_tokens),
-                         extra_routes=dashboard_routes(catalog.dht, api=True))
+                         extra_routes=dashboard_routes(catalog.dht, api=True, trust=trust_from(join)))
         host, port = sock.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
         print(READY_LINE.format(models=", ".join(catalog.served), url=url), flush=True)
