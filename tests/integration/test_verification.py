@@ -37,7 +37,7 @@ def swarm(swarm_procs):
     peers = [start("0:15"), start("15:30"), start("15:30"), start("15:30", "--lie", "always")]
     for peer in peers:
         peer.wait_ready()
-    return SimpleNamespace(initial_peers=[maddr], liar=peers[-1], start=start)
+    return SimpleNamespace(initial_peers=[maddr], liar=peers[-1], replicas=peers[1:3], start=start)
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +82,12 @@ def test_a_liar_on_every_call_is_caught_before_it_changes_a_token(swarm, local):
 
 
 def test_fine_tuning_through_a_liar_gives_the_honest_loss_curve(swarm):
-    def losses(verify: float, avoid: str | None = None, steps: int = 3) -> list[float]:
+    def losses(verify: float, avoid: list[str] = (), steps: int = 3) -> list[float]:
         torch.manual_seed(0)
         model = client(swarm, verify=verify, tuning_mode="lora")
         try:
-            if avoid:
-                model.swarm.routes.ban(peer_id(model, avoid), math.inf)  # the honest run never meets it
+            for endpoint in avoid:  # fixes the route: through the liar, or never through it
+                model.swarm.routes.ban(peer_id(model, endpoint), math.inf)
             batch = model.tokenizer(["The swarm trains a small adapter.", "Peers may lie; clients check."],
                                     return_tensors="pt", padding=True)
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -104,9 +104,10 @@ def test_fine_tuning_through_a_liar_gives_the_honest_loss_curve(swarm):
         finally:
             model.swarm.shutdown()
 
-    honest_curve = losses(0.0, avoid=swarm.liar.endpoint)
+    honest_curve = losses(0.0, avoid=[swarm.liar.endpoint])
     assert losses(0.2) == pytest.approx(honest_curve, rel=1e-4)
-    assert losses(0.0, steps=1) != pytest.approx(honest_curve[:1], rel=1e-2), "the liar did not change the loss"
+    through_the_liar = losses(0.0, avoid=[p.endpoint for p in swarm.replicas], steps=1)
+    assert through_the_liar != pytest.approx(honest_curve[:1], rel=1e-2), "the liar did not change the loss"
 
 
 class _Caught(StoppingCriteria):
