@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     import hivemind
 
     from swarm.checkpoint import config_fingerprint, resolve_checkpoint
+    from swarm.flags import count_flags, flags_key
     from swarm.models import get_family
     from swarm.membership import trust_from
     from swarm.registry import fetch_span_records, make_model_id, peers_by_id
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         dht = hivemind.DHT(initial_peers=peers, client_mode=True, start=True)
     try:
         records = fetch_span_records(dht, model_id, num_blocks, trust=trust_from(join))
+        flags = count_flags(model_id, dht.get(flags_key(model_id), latest=True))
     finally:
         dht.shutdown()
     print(f"model {model_id}: {num_blocks} blocks")
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for peer in sorted(peers_by_id(records).values(), key=lambda r: (r.start, r.end)):
         reach = f"relayed via {relay_hosts(peer)}" if peer.relayed else "direct"
+        if peer.peer_id in flags:  # clients that verify caught it returning wrong outputs (client/verify.py)
+            reach += f"  FLAGGED by {flags[peer.peer_id]} client(s): wrong outputs"
         print(f"  peer {peer.peer_id[:16]:16}  blocks {peer.start:>3}:{peer.end:<3}  {peer.endpoint:21}  "
               f"{peer.state.value:8} {peer.throughput:8.1f} tok/s  {peer.dtype:8} cache free {peer.cache_tokens_free}  "
               f"{reach}")
