@@ -29,8 +29,10 @@ COMMANDS = {
 }
 BAD_ARGUMENT_SECONDS = 5.0  # no torch, no hivemind: the flag is checked first
 # Alone, each gives up in 3-6 s (imports, then p2pd's refused dial); all five at once on two
-# cores in ~16 s. hivemind itself would wait up to 15 s for a silent port; a hang, forever.
-DEAD_DHT_SECONDS = 30.0
+# cores in ~16 s on a quick day, 44-48 s on a slow one (2026-12-02, under load: torch and
+# transformers imported five times over). The bound is for a hang: hivemind itself would wait
+# up to 15 s per silent port, a broken join forever.
+DEAD_DHT_SECONDS = 75.0
 
 
 def args_of(command: str, initial_peers: str, folder: Path) -> list[str]:
