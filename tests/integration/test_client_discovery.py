@@ -3,23 +3,29 @@ named quickly, and `swarm status` shows both."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import contextlib
+import io
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from client import AutoDistributedModelForCausalLM, MissingBlocksError, SwarmSettings
+from client.apps.cli_status import main as status_main
 from client.apps.local_swarm import LocalSwarm
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 
 pytestmark = pytest.mark.integration
 
 
-def status(initial_peers: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "swarm.cli", "status", "--initial-peers", initial_peers[0]],
-                          capture_output=True, text=True, timeout=120)
+def status(initial_peers: list[str]) -> SimpleNamespace:
+    """`swarm status` run in this process (its DHT node is its own; no interpreter start, no
+    second import of torch): its exit code and output."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = status_main(["--initial-peers", initial_peers[0]])
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_uncovered_blocks_then_a_late_peer_completes_the_swarm():
