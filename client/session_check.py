@@ -56,21 +56,22 @@ def check_hop(session, open_hop, answer: swarm_pb2.Tensor) -> None:
     ours = _decoded(open_hop.unchecked)
 
     def recompute(chain: list[Hop]) -> list[torch.Tensor]:
-        if open_hop.mirror is not None and chain is open_hop.mirror.chain:
-            mirror = open_hop.mirror
-        else:  # a new replica (the first check, or a referee): every step the hop ever ran
+        # The hop's own mirror if `chain` is its checker's; else a new replica, which runs every
+        # step the hop ever ran: it becomes the hop's checker if it has none, or is a referee,
+        # asked once.
+        mirror = open_hop.mirror
+        if mirror is None or chain is not mirror.chain:
             mirror = Mirror(session, chain)
+            open_hop.mirror = open_hop.mirror or mirror
         try:
             theirs = mirror.run(open_hop.history[mirror.synced:])
         except PeerCallError:
-            mirror.close()
             if mirror is open_hop.mirror:
-                open_hop.mirror = None
+                open_hop.mirror = None  # closed below, and a new one opened at the next check
             raise
-        if mirror is not open_hop.mirror and open_hop.mirror is None:
-            open_hop.mirror = mirror  # kept as this hop's checker from now on
-        elif mirror is not open_hop.mirror:
-            mirror.close()  # a referee: asked once
+        finally:
+            if mirror is not open_hop.mirror:
+                mirror.close()
         return _decoded(theirs[len(theirs) - len(ours):])
 
     checker = open_hop.mirror.chain if open_hop.mirror is not None else None
