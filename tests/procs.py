@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from swarm.cli import PARENT_PID_ENV
+from client.apps.local_swarm import LocalSwarm as _LocalSwarm
+from tests.zygote import ForkedProcess, Zygote, forkable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _log_dir: Path | None = None
@@ -37,11 +39,14 @@ def spawn(
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike | None = REPO_ROOT,
     log_dir: str | os.PathLike | None = None,
+    fork: bool = True,
 ) -> subprocess.Popen:
     """Start `args` in a new session; stdout/stderr go to files (proc.stdout_path, proc.stderr_path).
 
     `args[0] == "python"` is replaced by the running interpreter; `env` is added to os.environ;
-    logs go under `log_dir` (default: one temporary folder per test run).
+    logs go under `log_dir` (default: one temporary folder per test run). The project's own
+    commands are forked from the zygote (tests/zygote.py), unless `fork` is False or `env`
+    changes what their imports would see; the rest start for real.
     """
     args = [sys.executable if i == 0 and a == "python" else str(a) for i, a in enumerate(args)]
     name = re.sub(r"[^\w.-]+", "_", " ".join(args[1:3]))[:40] or "proc"
@@ -51,6 +56,9 @@ def spawn(
     # SWARMLM_PARENT_PID: `swarm ...` commands arm a parent-death signal, so killing the
     # test run (even with SIGKILL) stops them too.
     full_env = {"PYTHONUNBUFFERED": "1", **os.environ, PARENT_PID_ENV: str(os.getpid()), **(env or {})}
+    zygote = Zygote.shared(_logs(), {PARENT_PID_ENV: str(os.getpid())}) if fork and not env and forkable(args) else None
+    if zygote is not None:
+        return zygote.spawn(args, stdout_path, stderr_path, full_env, str(cwd or os.getcwd()))
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
         proc = subprocess.Popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=full_env,
                                 cwd=cwd, start_new_session=True)
@@ -81,7 +89,7 @@ def wait_for_line(source: subprocess.Popen | str | os.PathLike, pattern: str, ti
 
     Fails early, with the output, if the process exits first.
     """
-    proc = source if isinstance(source, subprocess.Popen) else None
+    proc = source if isinstance(source, (subprocess.Popen, ForkedProcess)) else None
     paths = [proc.stdout_path, proc.stderr_path] if proc is not None else [Path(source)]  # type: ignore[attr-defined]
     regex = re.compile(pattern)
     deadline = time.monotonic() + timeout
@@ -156,3 +164,13 @@ def running(args: Sequence[str], timeout: float = 5.0, **spawn_kwargs) -> Iterat
         yield proc
     finally:
         stop(proc, timeout=timeout)
+
+
+class LocalSwarm(_LocalSwarm):
+    """client.apps.local_swarm.LocalSwarm with its processes forked from the zygote (tests/zygote.py)."""
+
+    def _start(self, argv, out, err, stdout, stderr, env):
+        zygote = Zygote.shared(_logs(), {PARENT_PID_ENV: str(os.getpid())})
+        if zygote is None:
+            return super()._start(argv, out, err, stdout, stderr, env)
+        return zygote.spawn(argv, Path(out), Path(err), {"PYTHONUNBUFFERED": "1", **env}, str(REPO_ROOT))

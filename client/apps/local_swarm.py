@@ -47,10 +47,16 @@ class LocalSwarm:
             # No preexec_fn: it forces fork() of a process that may run gRPC threads, whose
             # fork handlers then break the child. The child arms its own parent-death signal.
             env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
-            proc = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=stdout, stderr=stderr,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+            proc = self._start([sys.executable, "-m", "swarm.cli", *args], out, out.with_suffix(".err"), stdout,
+                               stderr, env)
         self.procs.append(proc)
         return proc, out
+
+    def _start(self, argv: list[str], out: Path, err: Path, stdout, stderr, env: dict[str, str]) -> subprocess.Popen:
+        """Starts one process in a session of its own (the tests fork theirs from a preloaded
+        interpreter instead: tests/zygote.py)."""
+        return subprocess.Popen(argv, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, start_new_session=True,
+                                env=env)
 
     def _decode_threads(self) -> list[str]:
         """Peers on one machine take turns at each decode step; one thread each keeps their idle

@@ -123,7 +123,7 @@ def swarm():
     through a DHT of their own; started once for the whole run (peer start-up is most of an
     integration module's time on two cores) and stopped with everything it started. Tests using
     it must leave it as they found it: close their sessions, never stop or pause its peers."""
-    from client.apps.local_swarm import LocalSwarm
+    from tests.procs import LocalSwarm  # forked from the zygote
     from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 
     resolve_checkpoint(DEFAULT_MODEL)  # convert once, before three peers wait on it

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from client.apps.local_swarm import LocalSwarm
+from tests.procs import LocalSwarm
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 
 pytestmark = pytest.mark.integration

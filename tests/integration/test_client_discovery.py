@@ -13,7 +13,7 @@ import torch
 
 from client import AutoDistributedModelForCausalLM, MissingBlocksError, SwarmSettings
 from client.apps.cli_status import main as status_main
-from client.apps.local_swarm import LocalSwarm
+from tests.procs import LocalSwarm
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 
 pytestmark = pytest.mark.integration

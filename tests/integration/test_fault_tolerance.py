@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, StoppingCriteria
 
 from client import AutoDistributedModelForCausalLM, SwarmSettings
-from client.apps.local_swarm import LocalSwarm
+from tests.procs import LocalSwarm
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from client.apps.cli_finetune import main
-from client.apps.local_swarm import LocalSwarm
+from tests.procs import LocalSwarm
 from tests.procs import REPO_ROOT, output, running, wait_for_line
 
 pytestmark = pytest.mark.integration
