@@ -25,6 +25,21 @@ from tests.zygote import ForkedProcess, Zygote, forkable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _log_dir: Path | None = None
+# Whether the project's commands are forked from the zygote; `real_processes()` turns it off
+# where a test measures the process itself (a forked child faults the zygote's code pages in as
+# it runs, so its RSS creeps up where a fresh interpreter's would not).
+_fork = True
+
+
+@contextlib.contextmanager
+def real_processes() -> Iterator[None]:
+    """Within it, `spawn` starts every process with a fresh interpreter."""
+    global _fork
+    before, _fork = _fork, False
+    try:
+        yield
+    finally:
+        _fork = before
 
 
 def _logs() -> Path:
@@ -46,7 +61,7 @@ def spawn(
     `args[0] == "python"` is replaced by the running interpreter; `env` is added to os.environ;
     logs go under `log_dir` (default: one temporary folder per test run). The project's own
     commands are forked from the zygote (tests/zygote.py), unless `fork` is False or `env`
-    changes what their imports would see; the rest start for real.
+    changes what a starting process reads (tests/zygote.py); the rest start for real.
     """
     args = [sys.executable if i == 0 and a == "python" else str(a) for i, a in enumerate(args)]
     name = re.sub(r"[^\w.-]+", "_", " ".join(args[1:3]))[:40] or "proc"
@@ -56,8 +71,8 @@ def spawn(
     # SWARMLM_PARENT_PID: `swarm ...` commands arm a parent-death signal, so killing the
     # test run (even with SIGKILL) stops them too.
     full_env = {"PYTHONUNBUFFERED": "1", **os.environ, PARENT_PID_ENV: str(os.getpid()), **(env or {})}
-    zygote = Zygote.shared(_logs(), {PARENT_PID_ENV: str(os.getpid())}) if fork and not env and forkable(args) else None
-    if zygote is not None:
+    zygote = Zygote.shared(_logs(), {PARENT_PID_ENV: str(os.getpid())}) if fork and _fork and forkable(args) else None
+    if zygote is not None and zygote.can_fork(full_env):
         return zygote.spawn(args, stdout_path, stderr_path, full_env, str(cwd or os.getcwd()))
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
         proc = subprocess.Popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=full_env,
@@ -170,7 +185,8 @@ class LocalSwarm(_LocalSwarm):
     """client.apps.local_swarm.LocalSwarm with its processes forked from the zygote (tests/zygote.py)."""
 
     def _start(self, argv, out, err, stdout, stderr, env):
-        zygote = Zygote.shared(_logs(), {PARENT_PID_ENV: str(os.getpid())})
-        if zygote is None:
+        env = {"PYTHONUNBUFFERED": "1", **env}
+        zygote = Zygote.shared(_logs(), {PARENT_PID_ENV: str(os.getpid())}) if _fork else None
+        if zygote is None or not zygote.can_fork(env):
             return super()._start(argv, out, err, stdout, stderr, env)
-        return zygote.spawn(argv, Path(out), Path(err), {"PYTHONUNBUFFERED": "1", **env}, str(REPO_ROOT))
+        return zygote.spawn(argv, Path(out), Path(err), env, str(REPO_ROOT))

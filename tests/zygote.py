@@ -37,6 +37,10 @@ PRELOAD = ("torch", "transformers", "hivemind", "grpc", "swarm.models", "swarm.l
 # entry points. Anything else is started for real.
 FORKABLE_MODULES = ("swarm.cli", "client.apps.api.cli")
 FORKABLE_SCRIPTS = ("tests/integration/generating_client.py",)
+# Environment read when a process starts (the allocator, OpenMP, the interpreter): a child
+# whose values differ from the zygote's would not get them, so it starts for real.
+# OMP_WAIT_POLICY is not compared: `swarm` commands set it to the zygote's value themselves.
+START_ENV_PREFIXES = ("MALLOC_", "OMP_", "KMP_", "MKL_", "GOMP_", "PYTHON", "LD_", "CUDA", "TORCH", "HF_", "TRANSFORMERS")
 
 
 class ForkedProcess:
@@ -95,6 +99,7 @@ class Zygote:
     def __init__(self, folder: Path, parent_env: dict[str, str]):
         self.path = folder / "zygote.sock"
         env = {**os.environ, **parent_env, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+        self.start_env = _start_env(env)
         self._log = open(folder / "zygote.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.zygote", str(self.path)], stdout=subprocess.PIPE,
                                      stderr=self._log, stdin=subprocess.DEVNULL, env=env,
@@ -122,6 +127,10 @@ class Zygote:
                     atexit.register(cls._shared.stop)
         return cls._shared or None
 
+    def can_fork(self, env: dict[str, str]) -> bool:
+        """Whether a child with environment `env` starts as the zygote did."""
+        return _start_env(env) == self.start_env
+
     def spawn(self, args: list[str], stdout_path: Path, stderr_path: Path, env: dict[str, str], cwd: str) -> ForkedProcess:
         for path in (stdout_path, stderr_path):
             path.write_bytes(b"")  # there from the start, as for a real spawn
@@ -139,6 +148,10 @@ class Zygote:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self._log.close()
+
+
+def _start_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(START_ENV_PREFIXES) and k != "OMP_WAIT_POLICY"}
 
 
 def forkable(args: list[str]) -> bool:
@@ -262,10 +275,12 @@ def _child(request: dict) -> None:
         os.chdir(request["cwd"])
         random.seed()  # a forked child would otherwise repeat the zygote's random numbers
         args = request["args"]
-        if args[1] == "-m":
+        if args[1] == "-m":  # sys.path[0] as `python -m` sets it: the working directory
+            sys.path[0] = os.getcwd()
             sys.argv = [args[2], *args[3:]]
             runpy.run_module(args[2], run_name="__main__", alter_sys=True)
-        else:
+        else:  # and for a script, the script's folder
+            sys.path[0] = os.path.dirname(os.path.abspath(args[1]))
             sys.argv = args[1:]
             runpy.run_path(args[1], run_name="__main__")
         code = 0

@@ -28,7 +28,7 @@ import torch
 from swarm.wire import swarm_pb2, swarm_pb2_grpc
 from tests.integration.conftest import PeerProcess, SwarmProcs
 from tests.peer.rpc_helpers import open_request, step_request
-from tests.procs import stop, wait_for_line
+from tests.procs import real_processes, stop, wait_for_line
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +72,9 @@ time.sleep(600)
 
 @pytest.fixture(scope="module")
 def peer(swarm_procs: SwarmProcs) -> PeerProcess:
-    with pytest.MonkeyPatch.context() as env:
+    # A fresh interpreter: this test reads the peer's RSS, which in a forked child creeps up as it
+    # faults the zygote's code pages in.
+    with pytest.MonkeyPatch.context() as env, real_processes():
         # glibc then returns every block of 32 KB or more to the system when it is freed, so the
         # peer's RSS follows what it still holds, not what its allocator keeps cached: measured
         # here, RSS moved by up to 30 MB between identical rounds without this, by 2 MB with it.
