@@ -189,7 +189,10 @@ def _serve(path: str) -> None:
 
     die_with_parent()  # a killed test run takes the zygote, and with it every child, along
     for name in PRELOAD:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional part not installed (the API's extra): its children import it
+            pass
     # Native threads that torch and hivemind start at import are there too when hivemind forks
     # its DHT process in every peer; a Python thread would be copied mid-work.
     if threading.active_count() != 1:
