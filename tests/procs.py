@@ -55,13 +55,15 @@ def spawn(
     cwd: str | os.PathLike | None = REPO_ROOT,
     log_dir: str | os.PathLike | None = None,
     fork: bool = True,
+    stdin: str | os.PathLike | None = None,
 ) -> subprocess.Popen:
     """Start `args` in a new session; stdout/stderr go to files (proc.stdout_path, proc.stderr_path).
 
     `args[0] == "python"` is replaced by the running interpreter; `env` is added to os.environ;
     logs go under `log_dir` (default: one temporary folder per test run). The project's own
     commands are forked from the zygote (tests/zygote.py), unless `fork` is False or `env`
-    changes what a starting process reads (tests/zygote.py); the rest start for real.
+    changes what a starting process reads (tests/zygote.py); the rest start for real. So are
+    they under `ip netns exec NS` (the child enters NS itself). `stdin`: a file to read from.
     """
     args = [sys.executable if i == 0 and a == "python" else str(a) for i, a in enumerate(args)]
     name = re.sub(r"[^\w.-]+", "_", " ".join(args[1:3]))[:40] or "proc"
@@ -71,11 +73,14 @@ def spawn(
     # SWARMLM_PARENT_PID: `swarm ...` commands arm a parent-death signal, so killing the
     # test run (even with SIGKILL) stops them too.
     full_env = {"PYTHONUNBUFFERED": "1", **os.environ, PARENT_PID_ENV: str(os.getpid()), **(env or {})}
-    zygote = Zygote.shared(_logs(), {PARENT_PID_ENV: str(os.getpid())}) if fork and _fork and forkable(args) else None
+    netns, command = (args[3], args[4:]) if args[:3] == ["ip", "netns", "exec"] and len(args) > 4 else (None, args)
+    zygote = Zygote.shared(_logs(), {PARENT_PID_ENV: str(os.getpid())}) if fork and _fork and forkable(command) else None
     if zygote is not None and zygote.can_fork(full_env):
-        return zygote.spawn(args, stdout_path, stderr_path, full_env, str(cwd or os.getcwd()))
-    with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-        proc = subprocess.Popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=full_env,
+        return zygote.spawn(command, stdout_path, stderr_path, full_env, str(cwd or os.getcwd()),
+                            stdin_path=Path(stdin) if stdin else None, netns=netns)
+    with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err, \
+            open(stdin or os.devnull, "rb") as source:
+        proc = subprocess.Popen(args, stdout=out, stderr=err, stdin=source, env=full_env,
                                 cwd=cwd, start_new_session=True)
     proc.stdout_path = stdout_path  # type: ignore[attr-defined]
     proc.stderr_path = stderr_path  # type: ignore[attr-defined]

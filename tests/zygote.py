@@ -33,10 +33,10 @@ from pathlib import Path
 # thread at import.
 PRELOAD = ("torch", "transformers", "hivemind", "grpc", "swarm.models", "swarm.loading", "peer.server", "client",
            "client.apps.api.app")
-# Module runs (`python -m M`) and scripts (`python S`) that may be forked: the project's own
-# entry points. Anything else is started for real.
-FORKABLE_MODULES = ("swarm.cli", "client.apps.api.cli")
-FORKABLE_SCRIPTS = ("tests/integration/generating_client.py",)
+# Module runs (`python -m M`) that may be forked: the project's own entry points and the test
+# clients. Anything else is started for real.
+FORKABLE_MODULES = ("swarm.cli", "client.apps.api.cli", "tests.integration.generating_client",
+                    "tests.integration.nat_client")
 # Environment read when a process starts (the allocator, OpenMP, the interpreter): a child
 # whose values differ from the zygote's would not get them, so it starts for real.
 # OMP_WAIT_POLICY is not compared: `swarm` commands set it to the zygote's value themselves.
@@ -131,13 +131,16 @@ class Zygote:
         """Whether a child with environment `env` starts as the zygote did."""
         return _start_env(env) == self.start_env
 
-    def spawn(self, args: list[str], stdout_path: Path, stderr_path: Path, env: dict[str, str], cwd: str) -> ForkedProcess:
+    def spawn(self, args: list[str], stdout_path: Path, stderr_path: Path, env: dict[str, str], cwd: str,
+              stdin_path: Path | None = None, netns: str | None = None) -> ForkedProcess:
+        """Forks `args`; `stdin_path`: a file as its stdin (else /dev/null); `netns`: a network
+        namespace it runs in, as `ip netns exec NETNS` would put it."""
         for path in (stdout_path, stderr_path):
             path.write_bytes(b"")  # there from the start, as for a real spawn
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         connection.connect(str(self.path))
         _send_message(connection, {"args": args, "stdout": str(stdout_path), "stderr": str(stderr_path),
-                                   "env": env, "cwd": cwd})
+                                   "env": env, "cwd": cwd, "stdin": str(stdin_path or os.devnull), "netns": netns})
         return ForkedProcess(args, connection, stdout_path, stderr_path)
 
     def stop(self) -> None:
@@ -155,10 +158,8 @@ def _start_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def forkable(args: list[str]) -> bool:
-    """Whether `args` (argv[0] the interpreter) runs one of the project's forkable entry points."""
-    if len(args) >= 3 and args[1] == "-m":
-        return args[2] in FORKABLE_MODULES
-    return len(args) >= 2 and any(args[1].endswith(script) for script in FORKABLE_SCRIPTS)
+    """Whether `args` (argv[0] the interpreter) runs one of the forkable modules."""
+    return len(args) >= 3 and args[1] == "-m" and args[2] in FORKABLE_MODULES
 
 
 def _send_message(connection: socket.socket, message: dict) -> None:
@@ -222,8 +223,8 @@ def _serve(path: str) -> None:
                     connection.close()
                     continue
                 pid = os.fork()
-                if pid == 0:
-                    for fd in (listener, connection):
+                if pid == 0:  # the other children's connections are theirs, not this child's
+                    for fd in (listener, connection, *children.values()):
                         fd.close()
                     selector.close()
                     os.close(wake_read)
@@ -250,8 +251,23 @@ def _serve(path: str) -> None:
                 connection.close()
 
 
+def _enter_netns(name: str) -> None:
+    """Moves this (single-threaded) process into network namespace `name`, as `ip netns exec`
+    does; its children (the DHT process, p2pd) inherit it."""
+    import ctypes
+
+    clone_newnet = 0x40000000
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, clone_newnet) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into network namespace {name}")
+    finally:
+        os.close(fd)
+
+
 def _child(request: dict) -> None:
-    """In the forked child: becomes the process `python ARGS` would have been, runs it, exits."""
+    """In the forked child: becomes the process `python -m MODULE ARGS` would have been, runs it,
+    exits."""
     import atexit
     import random
     import runpy
@@ -267,9 +283,11 @@ def _child(request: dict) -> None:
             opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(opened, fd)
             os.close(opened)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
+        stdin = os.open(request["stdin"], os.O_RDONLY)
+        os.dup2(stdin, 0)
+        os.close(stdin)
+        if request["netns"]:
+            _enter_netns(request["netns"])
         os.environ.clear()
         # The child's parent is the zygote: that is the death it must follow (swarm/cli.py).
         from swarm.cli import PARENT_PID_ENV
@@ -278,14 +296,9 @@ def _child(request: dict) -> None:
         os.chdir(request["cwd"])
         random.seed()  # a forked child would otherwise repeat the zygote's random numbers
         args = request["args"]
-        if args[1] == "-m":  # sys.path[0] as `python -m` sets it: the working directory
-            sys.path[0] = os.getcwd()
-            sys.argv = [args[2], *args[3:]]
-            runpy.run_module(args[2], run_name="__main__", alter_sys=True)
-        else:  # and for a script, the script's folder
-            sys.path[0] = os.path.dirname(os.path.abspath(args[1]))
-            sys.argv = args[1:]
-            runpy.run_path(args[1], run_name="__main__")
+        sys.path[0] = os.getcwd()  # as `python -m` sets it
+        sys.argv = [args[2], *args[3:]]
+        runpy.run_module(args[2], run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):

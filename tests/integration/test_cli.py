@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.procs import LocalSwarm
+from tests.procs import LocalSwarm, spawn, stop
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -18,6 +21,23 @@ pytestmark = pytest.mark.integration
 def swarm_cli(*args: str, stdin: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "swarm.cli", *args], input=stdin, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def forked_cli(*args: str, stdin: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """As swarm_cli, the process forked from the test zygote (tests/zygote.py): these tests are
+    about what the commands do, the ones above about the interpreter starting them."""
+    source = None
+    if stdin is not None:
+        fd, source = tempfile.mkstemp(suffix=".stdin")
+        os.write(fd, stdin.encode())
+        os.close(fd)
+    proc = spawn(["python", "-m", "swarm.cli", *args], stdin=source)
+    try:
+        code = proc.wait(timeout)
+    finally:
+        stop(proc)
+    return subprocess.CompletedProcess(proc.args, code, Path(proc.stdout_path).read_text(),
+                                       Path(proc.stderr_path).read_text())
 
 
 @pytest.mark.parametrize("command", ["dht", "peer", "generate", "status", "finetune", "api", "init", "invite", "revoke"])
@@ -48,7 +68,7 @@ def test_generate_streams_the_local_greedy_text(swarm):
     local = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     expected = tokenizer.decode(local.generate(ids, max_new_tokens=12, do_sample=False)[0], skip_special_tokens=True)
-    result = swarm_cli("generate", "--initial-peers", swarm.initial_peers[0], "--max-new-tokens", "12",
+    result = forked_cli("generate", "--initial-peers", swarm.initial_peers[0], "--max-new-tokens", "12",
                        "The capital of France is")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected.strip()
@@ -56,7 +76,7 @@ def test_generate_streams_the_local_greedy_text(swarm):
 
 
 def test_interactive_chat_keeps_one_session_and_resets(swarm):
-    result = swarm_cli("generate", "--initial-peers", swarm.initial_peers[0], "--chat", "--max-new-tokens", "8",
+    result = forked_cli("generate", "--initial-peers", swarm.initial_peers[0], "--chat", "--max-new-tokens", "8",
                        stdin="Hello!\nWhat is 2+2?\n/reset\nHi again\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("assistant>") == 3
@@ -66,6 +86,6 @@ def test_interactive_chat_keeps_one_session_and_resets(swarm):
 
 
 def test_status_shows_coverage(swarm):
-    result = swarm_cli("status", "--initial-peers", swarm.initial_peers[0])
+    result = forked_cli("status", "--initial-peers", swarm.initial_peers[0])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "blocks   0:15" in result.stdout and "blocks  15:30" in result.stdout and "all blocks covered" in result.stdout

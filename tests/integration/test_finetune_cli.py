@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -19,7 +18,7 @@ import torch
 
 from client.apps.cli_finetune import main
 from tests.procs import LocalSwarm
-from tests.procs import REPO_ROOT, output, running, wait_for_line
+from tests.procs import output, running, wait_for_line
 
 pytestmark = pytest.mark.integration
 
@@ -52,8 +51,11 @@ def finetune_args(swarm: LocalSwarm, data: Path, out: Path, steps: int) -> list[
 
 
 def finetune(swarm: LocalSwarm, data: Path, out: Path, steps: int) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, *finetune_args(swarm, data, out, steps)], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=120)
+    """`swarm finetune` run to its end (forked from the test zygote: tests/zygote.py)."""
+    with running(["python", *finetune_args(swarm, data, out, steps)], log_dir=out.parent) as proc:
+        code = proc.wait(timeout=120)
+    result = subprocess.CompletedProcess(proc.args, code, Path(proc.stdout_path).read_text(),
+                                         Path(proc.stderr_path).read_text())
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-4000:]}"
     return result
 
