@@ -54,16 +54,15 @@ def spawn(
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike | None = REPO_ROOT,
     log_dir: str | os.PathLike | None = None,
-    fork: bool = True,
     stdin: str | os.PathLike | None = None,
 ) -> subprocess.Popen:
     """Start `args` in a new session; stdout/stderr go to files (proc.stdout_path, proc.stderr_path).
 
     `args[0] == "python"` is replaced by the running interpreter; `env` is added to os.environ;
-    logs go under `log_dir` (default: one temporary folder per test run). The project's own
-    commands are forked from the zygote (tests/zygote.py), unless `fork` is False or `env`
-    changes what a starting process reads (tests/zygote.py); the rest start for real. So are
-    they under `ip netns exec NS` (the child enters NS itself). `stdin`: a file to read from.
+    logs go under `log_dir` (default: one temporary folder per test run); `stdin`: a file to read
+    from. The project's own commands (also under `ip netns exec NS`: the child enters NS itself)
+    are forked from the zygote (tests/zygote.py), unless inside `real_processes()` or `env`
+    changes what a starting process reads; the rest start for real.
     """
     args = [sys.executable if i == 0 and a == "python" else str(a) for i, a in enumerate(args)]
     name = re.sub(r"[^\w.-]+", "_", " ".join(args[1:3]))[:40] or "proc"
@@ -74,7 +73,7 @@ def spawn(
     # test run (even with SIGKILL) stops them too.
     full_env = {"PYTHONUNBUFFERED": "1", **os.environ, PARENT_PID_ENV: str(os.getpid()), **(env or {})}
     netns, command = (args[3], args[4:]) if args[:3] == ["ip", "netns", "exec"] and len(args) > 4 else (None, args)
-    zygote = Zygote.shared(_logs(), {PARENT_PID_ENV: str(os.getpid())}) if fork and _fork and forkable(command) else None
+    zygote = Zygote.shared(_logs(), {PARENT_PID_ENV: str(os.getpid())}) if _fork and forkable(command) else None
     if zygote is not None and zygote.can_fork(full_env):
         return zygote.spawn(command, stdout_path, stderr_path, full_env, str(cwd or os.getcwd()),
                             stdin_path=Path(stdin) if stdin else None, netns=netns)
