@@ -72,11 +72,9 @@ def spawn(
     # SWARMLM_PARENT_PID: `swarm ...` commands arm a parent-death signal, so killing the
     # test run (even with SIGKILL) stops them too.
     full_env = {"PYTHONUNBUFFERED": "1", **os.environ, PARENT_PID_ENV: str(os.getpid()), **(env or {})}
-    netns, command = (args[3], args[4:]) if args[:3] == ["ip", "netns", "exec"] and len(args) > 4 else (None, args)
-    zygote = Zygote.shared(_logs(), {PARENT_PID_ENV: str(os.getpid())}) if _fork and forkable(command) else None
-    if zygote is not None and zygote.can_fork(full_env):
-        return zygote.spawn(command, stdout_path, stderr_path, full_env, str(cwd or os.getcwd()),
-                            stdin_path=Path(stdin) if stdin else None, netns=netns)
+    forked = _forked(args, stdout_path, stderr_path, full_env, str(cwd or os.getcwd()), stdin)
+    if forked is not None:
+        return forked
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err, \
             open(stdin or os.devnull, "rb") as source:
         proc = subprocess.Popen(args, stdout=out, stderr=err, stdin=source, env=full_env,
@@ -84,6 +82,35 @@ def spawn(
     proc.stdout_path = stdout_path  # type: ignore[attr-defined]
     proc.stderr_path = stderr_path  # type: ignore[attr-defined]
     return proc
+
+
+def _forked(args: list[str], stdout_path: Path, stderr_path: Path, env: dict[str, str], cwd: str,
+            stdin: str | os.PathLike | None = None) -> ForkedProcess | None:
+    """`args` forked from the zygote, or None where it must start for real (see `spawn`)."""
+    netns, command = (args[3], args[4:]) if args[:3] == ["ip", "netns", "exec"] and len(args) > 4 else (None, args)
+    if not (_fork and forkable(command)):
+        return None
+    zygote = Zygote.shared(_logs(), {PARENT_PID_ENV: str(os.getpid())})
+    if zygote is None or not zygote.can_fork(env):
+        return None
+    return zygote.spawn(command, stdout_path, stderr_path, env, cwd, stdin_path=Path(stdin) if stdin else None,
+                        netns=netns)
+
+
+def run(args: Sequence[str], stdin: str | None = None, timeout: float = 180,
+        log_dir: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+    """`args` spawned (so forked where `spawn` forks) and run to its end: exit code, stdout and
+    stderr, as `subprocess.run(..., capture_output=True, text=True)` gives them. `stdin`: text
+    it reads."""
+    source = None
+    if stdin is not None:
+        fd, source = tempfile.mkstemp(suffix=".stdin", dir=log_dir or _logs())
+        os.write(fd, stdin.encode())
+        os.close(fd)
+    with running(args, stdin=source, log_dir=log_dir) as proc:
+        code = proc.wait(timeout)
+    return subprocess.CompletedProcess(proc.args, code, Path(proc.stdout_path).read_text(),
+                                       Path(proc.stderr_path).read_text())
 
 
 def unused_port() -> int:
@@ -190,7 +217,5 @@ class LocalSwarm(_LocalSwarm):
 
     def _start(self, argv, out, err, stdout, stderr, env):
         env = {"PYTHONUNBUFFERED": "1", **env}
-        zygote = Zygote.shared(_logs(), {PARENT_PID_ENV: str(os.getpid())}) if _fork else None
-        if zygote is None or not zygote.can_fork(env):
-            return super()._start(argv, out, err, stdout, stderr, env)
-        return zygote.spawn(argv, Path(out), Path(err), env, str(REPO_ROOT))
+        forked = _forked(argv, Path(out), Path(err), env, str(REPO_ROOT))
+        return forked if forked is not None else super()._start(argv, out, err, stdout, stderr, env)

@@ -6,8 +6,9 @@ hivemind 1 s) and the suite starts about a hundred of them: most of its time. A 
 still a real process running the real command (`runpy`, as `python -m` would): its own
 session and process group, its own gRPC server, DHT process and p2pd, its stdout and stderr
 in files, stopped by signalling its group. Only the interpreter start and the imports are
-shared. Tests of the executable itself (--help, process trees, start-up errors) spawn it
-for real (tests/procs.py decides which).
+shared. What still starts with a fresh interpreter (tests/procs.py decides): every command
+that is not the project's, the `--help` tests (subprocess.run), a child whose start-up
+environment differs from the zygote's, and whatever runs inside `real_processes()`.
 
 The zygote is one process with no Python threads (fork and threads do not mix; it checks that
 its imports started none, else it refuses and every spawn falls back to a real one). It forks a
@@ -26,7 +27,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 # What the forked commands import; each costs the zygote once. No module here may start a

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.procs import LocalSwarm, spawn, stop
+from tests.procs import LocalSwarm, run
 from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -26,18 +23,7 @@ def swarm_cli(*args: str, stdin: str | None = None, timeout: float = 180) -> sub
 def forked_cli(*args: str, stdin: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
     """As swarm_cli, the process forked from the test zygote (tests/zygote.py): these tests are
     about what the commands do, the ones above about the interpreter starting them."""
-    source = None
-    if stdin is not None:
-        fd, source = tempfile.mkstemp(suffix=".stdin")
-        os.write(fd, stdin.encode())
-        os.close(fd)
-    proc = spawn(["python", "-m", "swarm.cli", *args], stdin=source)
-    try:
-        code = proc.wait(timeout)
-    finally:
-        stop(proc)
-    return subprocess.CompletedProcess(proc.args, code, Path(proc.stdout_path).read_text(),
-                                       Path(proc.stderr_path).read_text())
+    return run(["python", "-m", "swarm.cli", *args], stdin=stdin, timeout=timeout)
 
 
 @pytest.mark.parametrize("command", ["dht", "peer", "generate", "status", "finetune", "api", "init", "invite", "revoke"])

@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from client.apps.cli_finetune import main
-from tests.procs import LocalSwarm
-from tests.procs import output, running, wait_for_line
+from tests.procs import LocalSwarm, output, run, running, wait_for_line
 
 pytestmark = pytest.mark.integration
 
@@ -52,10 +51,7 @@ def finetune_args(swarm: LocalSwarm, data: Path, out: Path, steps: int) -> list[
 
 def finetune(swarm: LocalSwarm, data: Path, out: Path, steps: int) -> subprocess.CompletedProcess:
     """`swarm finetune` run to its end (forked from the test zygote: tests/zygote.py)."""
-    with running(["python", *finetune_args(swarm, data, out, steps)], log_dir=out.parent) as proc:
-        code = proc.wait(timeout=120)
-    result = subprocess.CompletedProcess(proc.args, code, Path(proc.stdout_path).read_text(),
-                                         Path(proc.stderr_path).read_text())
+    result = run(["python", *finetune_args(swarm, data, out, steps)], timeout=120, log_dir=out.parent)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-4000:]}"
     return result
 
