@@ -1,5 +1,10 @@
 """Decode speed: local transformers generate vs the same generation through 3 peers on
-loopback (greedy, 64 new tokens, median of 5 runs after a warm-up). Prints one JSON line.
+loopback (greedy, 64 new tokens, 5 rounds after a warm-up). Prints one JSON line.
+
+Each round runs local and then the swarm, back to back, and the ratio is the median of the
+rounds' ratios: this machine's speed drifts by 20-30% within minutes (measured: the same
+swarm run at 55 and at 71 ms a token ten minutes apart), so all local runs followed by all
+swarm runs would measure the drift as much as the systems.
 
     python benchmarks/generate.py [--new-tokens 64] [--runs 5] [--codec raw] [--batch 1] [--no-push]
 
@@ -24,15 +29,11 @@ from swarm.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 PROMPT = "Write a short story about a fox who learns to fly."
 
 
-def tokens_per_second(model, inputs, new_tokens: int, runs: int) -> float:
-    model.generate(**inputs, max_new_tokens=4, do_sample=False)  # warm-up
-    speeds = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        elapsed = time.perf_counter() - start
-        speeds.append((out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0] / elapsed)
-    return statistics.median(speeds)
+def tokens_per_second(model, inputs, new_tokens: int) -> float:
+    start = time.perf_counter()
+    out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    elapsed = time.perf_counter() - start
+    return (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0] / elapsed
 
 
 def main() -> None:
@@ -55,13 +56,23 @@ def main() -> None:
             DEFAULT_MODEL, initial_peers=swarm.initial_peers,
             settings=SwarmSettings(codec=args.codec, push=not args.no_push))
         inputs = model.tokenizer([PROMPT] * args.batch, return_tensors="pt")
-        local_by_threads = {}
-        for threads in sorted({1, default_threads}):
+        thread_counts = sorted({1, default_threads})
+        for threads in thread_counts:  # warm-up
             torch.set_num_threads(threads)
-            local_by_threads[threads] = tokens_per_second(local, inputs, args.new_tokens, args.runs)
-        local_tps = max(local_by_threads.values())
+            local.generate(**inputs, max_new_tokens=4, do_sample=False)
         torch.set_num_threads(1)
-        swarm_tps = tokens_per_second(model, inputs, args.new_tokens, args.runs)
+        model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        local_by_threads = {threads: [] for threads in thread_counts}
+        swarm_runs, ratios = [], []
+        for _ in range(args.runs):
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                local_by_threads[threads].append(tokens_per_second(local, inputs, args.new_tokens))
+            torch.set_num_threads(1)
+            swarm_runs.append(tokens_per_second(model, inputs, args.new_tokens))
+            ratios.append(swarm_runs[-1] / max(runs[-1] for runs in local_by_threads.values()))
+        local_tps = max(statistics.median(runs) for runs in local_by_threads.values())
+        swarm_tps = statistics.median(swarm_runs)
         local_out = local.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False)
         swarm_out = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False)
         model.swarm.shutdown()
@@ -69,8 +80,9 @@ def main() -> None:
         "benchmark": "generate", "model": DEFAULT_MODEL, "peers": 3, "batch": args.batch, "codec": args.codec,
         "push": not args.no_push,
         "new_tokens": args.new_tokens, "local_tok_s": round(local_tps, 2),
-        "local_tok_s_by_threads": {k: round(v, 2) for k, v in local_by_threads.items()}, "swarm_tok_s": round(swarm_tps, 2),
-        "ratio": round(swarm_tps / local_tps, 3), "greedy_identical": bool(torch.equal(local_out, swarm_out)),
+        "local_tok_s_by_threads": {k: round(statistics.median(v), 2) for k, v in local_by_threads.items()},
+        "swarm_tok_s": round(swarm_tps, 2), "ratio": round(statistics.median(ratios), 3),
+        "ratios": [round(r, 3) for r in ratios], "greedy_identical": bool(torch.equal(local_out, swarm_out)),
     }))
 
 

@@ -18,6 +18,7 @@ from typing import Any
 HEADLINE = [
     ("generate_b1", "ratio", "decode tok/s, swarm (3 peers, loopback) / local, batch 1"),
     ("generate_b8", "ratio", "decode tok/s, swarm / local, batch 8"),
+    ("pipeline_floor", "ratio", "floor for batch 1: the same 3-process split over bare pipes / local"),
     ("decode_trace", "step_ms", "decode step ms, traced (client + 3 peers + wire)"),
     ("decode_trace", "transit_ms", "of which on the wire and gRPC hops between processes, ms"),
     ("prefill", "prefill_ratio", "prefill of 512 tokens, local time / swarm time"),

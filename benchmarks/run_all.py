@@ -53,6 +53,8 @@ SUITE = [
               ["--new-tokens", "8", "--runs", "1"]),
     Benchmark("generate_b8", "Decode through 3 peers vs local, batch 8", "generate.py", ["--batch", "8"],
               ["--new-tokens", "8", "--runs", "1"]),
+    Benchmark("pipeline_floor", "Floor: the same 3-way split with bare pipes, nothing of swarmlm", "pipeline_floor.py",
+              [], ["--new-tokens", "8", "--rounds", "1"]),
     Benchmark("decode_trace", "Where a decode step's time goes (3 peers, batch 1)", "decode_trace.py", [],
               ["--new-tokens", "8"]),
     Benchmark("prefill", "Prefill of a 512-token prompt", "prefill.py", [], ["--runs", "1", "--tokens", "128"]),
