@@ -193,7 +193,7 @@ class InferenceSession:
                     raise
                 logger.warning("rebuilding blocks [%d, %d) of session %s on other peers",
                                self._hops[index].hop.start, self._hops[index].hop.end, self.session_id)
-                self._replace(index)
+                failures = self._replace(index, failures)
                 # The hops after it may have run the step already (the failed hop pushed it
                 # before failing): they drop a second copy, and their answers are waiting.
                 fed = fed[:index] + [None] * (len(self._hops) - index)
@@ -248,14 +248,28 @@ class InferenceSession:
             if left <= 0:
                 raise stream.timed_out()
 
-    def _replace(self, index: int) -> None:
+    def _replace(self, index: int, failures: int) -> int:
         """Rebuilds the failed hop's blocks on another chain: replays every step it was sent,
-        from the client (the hops after it hold those steps already)."""
+        from the client (the hops after it hold those steps already). A replacement that fails
+        too, while opening or replaying, is one more failure of the step, and the next one is
+        tried (a relayed peer's first reopen can hit the tunnel its dead relay left half
+        closed). Returns the step's failure count."""
         failed = self._hops[index]
         failed.close()
-        replacement = self._open_hops(self.swarm.find_chain(failed.hop.start, failed.hop.end))
-        replay(replacement, failed.history)
+        while True:
+            replacement: list[_OpenHop] = []
+            try:
+                replacement = self._open_hops(self.swarm.find_chain(failed.hop.start, failed.hop.end))
+                replay(replacement, failed.history)
+                break
+            except PeerCallError as e:
+                for open_hop in replacement:
+                    open_hop.close()
+                failures += 1
+                if not self.swarm.retry_after(e, failures):
+                    raise
         self._hops[index:index + 1] = replacement
+        return failures
 
     def _restart(self) -> None:
         """The whole chain rebuilt on other peers (the liar is banned by now) under a new session

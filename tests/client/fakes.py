@@ -69,13 +69,16 @@ def unavailable(endpoint: str) -> PeerCallError:
 class FakePeers:
     """Stands in for PeerConnection.to(endpoint): every endpoint is a fake peer that serves
     the span its request names. `dead` endpoints fail every call; `pushes_fail` ones report
-    a push_error for every push they were asked to make."""
+    a push_error for every push they were asked to make; `opens_fail` ones refuse to open
+    sessions (and serve the rest)."""
 
     def __init__(self, supports_push: bool = True):
         self.supports_push = supports_push
         self.dead: set[str] = set()
         self.liars: set[str] = set()  # endpoints whose every answer is off by LIE
         self.pushes_fail: set[str] = set()
+        self.opens_fail: set[str] = set()
+        self.opens_tried: list[str] = []  # endpoints asked to open a session, in order
         self.streams: dict[str, list[FakeStream]] = {}  # endpoint -> streams opened, oldest first
         self.calls: list[tuple[str, str, object]] = []  # (endpoint, "forward"/"backward", request)
 
@@ -111,7 +114,10 @@ class FakeConnection:
         return swarm_pb2.BackwardResponse(grad_hidden_states=serialize_tensor(grad))
 
     def open_inference(self, open_msg: swarm_pb2.InferenceOpen, timeout: float) -> "FakeStream":
+        self.peers.opens_tried.append(self.endpoint)
         self._check()
+        if self.endpoint in self.peers.opens_fail:
+            raise unavailable(self.endpoint)
         stream = FakeStream(self.peers, self.endpoint, open_msg)
         self.peers.streams.setdefault(self.endpoint, []).append(stream)
         return stream

@@ -92,6 +92,26 @@ def test_a_failed_peer_is_rebuilt_from_the_steps_it_was_sent(monkeypatch, peers)
     assert len(peers.stream(c.endpoint).received) == 2, "the hop after it ran each step once"
 
 
+def test_a_replacement_that_fails_to_open_is_one_more_failure_and_the_next_is_tried(monkeypatch, peers):
+    """Rebuilding a failed hop can fail too (a relayed peer's tunnel half closed by its dead
+    relay refuses the first reopen): that is another failure of the step, not the session's end."""
+    b, first, second = peer("b", 10, 20), peer("first", 10, 20, throughput=50.0), peer("second", 10, 20, throughput=10.0)
+    c = peer("c", 20, 30)
+    swarm = swarm_of(monkeypatch, peer("a", 0, 10), b, first, second, c)
+    x = hidden(new=3)
+    with InferenceSession(swarm, max_length=8) as session:
+        session.step(x[:, :2])
+        assert b.endpoint in session.endpoints
+        peers.dead.add(b.endpoint)
+        peers.opens_fail.add(first.endpoint)
+        out = session.step(x[:, 2:])
+        torch.testing.assert_close(out, x[:, 2:] + 30)
+        assert second.endpoint in session.endpoints
+    assert first.endpoint in peers.opens_tried, "the failing replacement was tried first"
+    assert [step.step_id for _, step in peers.stream(second.endpoint).received] == [1, 2]
+    assert len(peers.stream(c.endpoint).received) == 2, "the hop after it ran each step once"
+
+
 def test_positions_the_peers_would_derive_are_not_sent(monkeypatch, peers):
     """Without a padding mask so far, peers count positions from the step's position: ids that
     say the same are left out; other ids, and every id once a mask was sent, go along."""
