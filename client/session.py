@@ -123,15 +123,17 @@ class InferenceSession:
 
     def _open(self, batch_size: int, dtype: torch.dtype) -> None:
         self.batch_size, self.dtype = batch_size, dtype
-        self._hops = self._with_retries(lambda: self._open_hops(self.swarm.find_chain()))
+        self._hops, _ = self._with_retries(lambda: self._open_hops(self.swarm.find_chain()))
         logger.debug("session %s opened through %s", self.session_id,
                      " -> ".join(f"{h.hop.endpoint}[{h.hop.start}:{h.hop.end})" for h in self._hops))
 
-    def _with_retries(self, action):
-        failures = 0
+    def _with_retries(self, action, failures: int = 0):
+        """`action()`, tried again (on other peers: the failed one is avoided) after each
+        PeerCallError while the swarm allows; its result, and the failures counted so far
+        (`failures`: those of the step it serves, so retries share one bound)."""
         while True:
             try:
-                return action()
+                return action(), failures
             except PeerCallError as e:
                 failures += 1
                 if not self.swarm.retry_after(e, failures):
@@ -256,20 +258,21 @@ class InferenceSession:
         closed). Returns the step's failure count."""
         failed = self._hops[index]
         failed.close()
-        while True:
-            replacement: list[_OpenHop] = []
-            try:
-                replacement = self._open_hops(self.swarm.find_chain(failed.hop.start, failed.hop.end))
-                replay(replacement, failed.history)
-                break
-            except PeerCallError as e:
-                for open_hop in replacement:
-                    open_hop.close()
-                failures += 1
-                if not self.swarm.retry_after(e, failures):
-                    raise
+        replacement, failures = self._with_retries(lambda: self._rebuilt(failed), failures)
         self._hops[index:index + 1] = replacement
         return failures
+
+    def _rebuilt(self, failed: _OpenHop) -> list[_OpenHop]:
+        """`failed`'s blocks opened on another chain, with every step it was sent replayed
+        there; closed again if the replay fails."""
+        hops = self._open_hops(self.swarm.find_chain(failed.hop.start, failed.hop.end))
+        try:
+            replay(hops, failed.history)
+        except PeerCallError:
+            for open_hop in hops:
+                open_hop.close()
+            raise
+        return hops
 
     def _restart(self) -> None:
         """The whole chain rebuilt on other peers (the liar is banned by now) under a new session
