@@ -29,6 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from swarm.cli import OPENMP_ENV
+
 # What the forked commands import; each costs the zygote once. No module here may start a
 # thread at import.
 PRELOAD = ("torch", "transformers", "hivemind", "grpc", "swarm.models", "swarm.loading", "peer.server", "client",
@@ -39,7 +41,7 @@ FORKABLE_MODULES = ("swarm.cli", "client.apps.api.cli", "tests.integration.gener
                     "tests.integration.nat_client")
 # Environment read when a process starts (the allocator, OpenMP, the interpreter): a child
 # whose values differ from the zygote's would not get them, so it starts for real.
-# OMP_WAIT_POLICY is not compared: `swarm` commands set it to the zygote's value themselves.
+# OPENMP_ENV is not compared: `swarm` commands set it to the zygote's values themselves.
 START_ENV_PREFIXES = ("MALLOC_", "OMP_", "KMP_", "MKL_", "GOMP_", "PYTHON", "LD_", "CUDA", "TORCH", "HF_", "TRANSFORMERS")
 
 
@@ -98,7 +100,7 @@ class Zygote:
 
     def __init__(self, folder: Path, parent_env: dict[str, str]):
         self.path = folder / "zygote.sock"
-        env = {**os.environ, **parent_env, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+        env = {**os.environ, **parent_env, "PYTHONUNBUFFERED": "1", **OPENMP_ENV}
         self.start_env = _start_env(env)
         self._log = open(folder / "zygote.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.zygote", str(self.path)], stdout=subprocess.PIPE,
@@ -154,7 +156,7 @@ class Zygote:
 
 
 def _start_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k.startswith(START_ENV_PREFIXES) and k != "OMP_WAIT_POLICY"}
+    return {k: v for k, v in env.items() if k.startswith(START_ENV_PREFIXES) and k not in OPENMP_ENV}
 
 
 def forkable(args: list[str]) -> bool:

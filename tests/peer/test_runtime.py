@@ -171,6 +171,36 @@ def test_light_jobs_run_on_their_own_thread_count():
         torch.set_num_threads(before)
 
 
+def test_a_lone_sessions_light_steps_get_every_thread_and_shared_ones_the_light_count():
+    """Alone, no other session's step competes for the cores: its decode step runs on all of
+    them. Once another session is active, decode steps go back to `light_threads`."""
+    import torch
+
+    before = torch.get_num_threads()
+    runtime = ComputeRuntime(threads=2, light_threads=1)
+
+    def counts(items: list) -> list[int]:
+        return [torch.get_num_threads()] * len(items)
+
+    async def step(member: str) -> int:
+        return await runtime.run_together(Priority.INFERENCE, "span", counts, None, light=True, member=member)
+
+    async def main() -> list[int]:
+        seen = [await step("a"), await step("a")]
+        seen.append(await step("b"))  # a ran just now: b is not alone
+        seen.append(await step("a"))
+        runtime.forget("span", "b")
+        seen.append(await step("a"))  # b left: a is alone again
+        seen.append(await runtime.run(Priority.INFERENCE, torch.get_num_threads, light=True))  # nobody's
+        return seen
+
+    try:
+        assert asyncio.run(main()) == [2, 2, 1, 1, 2, 1]
+    finally:
+        runtime.shutdown()
+        torch.set_num_threads(before)
+
+
 # --- jobs that run together -----------------------------------------------------------------
 
 
