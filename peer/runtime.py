@@ -296,7 +296,6 @@ class ComputeRuntime:
         for job, result in zip(jobs, results):
             run_into(job.loop, job.future, _given, result)
 
-
     def _alone(self, jobs: list[_Job]) -> bool:
         """Whether `jobs` are one member's and no other member of any key is active: then no
         other session's step competes for the cores (on a shared machine the other peers are
@@ -308,6 +307,7 @@ class ComputeRuntime:
         with self._ready:
             return not any(now - seen.last < ACTIVE_GAP and m not in members
                            for active in self._active.values() for m, seen in active.items())
+
 
 def _given(result):
     if isinstance(result, BaseException):
