@@ -36,7 +36,8 @@ async def occupy_worker(runtime: ComputeRuntime, gate: threading.Event) -> async
         gate.wait(5.0)
 
     blocker = asyncio.create_task(runtime.run(Priority.TRAINING, hold))
-    await asyncio.to_thread(started.wait, 5.0)
+    # The worker imports torch before its first job: seconds on a slow machine.
+    assert await asyncio.to_thread(started.wait, 60.0), "the worker never started the job"
     return blocker
 
 
