@@ -172,9 +172,10 @@ def test_light_jobs_run_on_their_own_thread_count():
         torch.set_num_threads(before)
 
 
-def test_a_lone_sessions_light_steps_get_every_thread_and_shared_ones_the_light_count():
-    """Alone, no other session's step competes for the cores: its decode step runs on all of
-    them. Once another session is active, decode steps go back to `light_threads`."""
+def test_a_pass_holding_every_active_sessions_step_gets_every_thread_and_others_the_light_count():
+    """When a pass holds the step of every session active on the peer (a lone session's, or
+    every session's at once), nothing else competes for the cores: it runs on all of them. A
+    pass that leaves an active session out goes back to `light_threads`."""
     import torch
 
     before = torch.get_num_threads()
@@ -183,20 +184,27 @@ def test_a_lone_sessions_light_steps_get_every_thread_and_shared_ones_the_light_
     def counts(items: list) -> list[int]:
         return [torch.get_num_threads()] * len(items)
 
-    async def step(member: str) -> int:
-        return await runtime.run_together(Priority.INFERENCE, "span", counts, None, light=True, member=member)
+    def step(member: str):
+        return runtime.run_together(Priority.INFERENCE, "span", counts, None, light=True, member=member)
 
-    async def main() -> list[int]:
+    async def main() -> list:
         seen = [await step("a"), await step("a")]
-        seen.append(await step("b"))  # a ran just now: b is not alone
-        seen.append(await step("a"))
+        seen.append(await step("b"))  # a ran just now: b's pass leaves a out
+        gate = threading.Event()
+        blocker = await occupy_worker(runtime, gate)
+        both = [asyncio.create_task(step("a")), asyncio.create_task(step("b"))]
+        await _wait_until(lambda: runtime.pending == 2)
+        gate.set()
+        await blocker
+        seen.append(await asyncio.gather(*both))  # one pass with both: everyone's
+        seen.append(await step("a"))  # b is still active
         runtime.forget("span", "b")
         seen.append(await step("a"))  # b left: a is alone again
         seen.append(await runtime.run(Priority.INFERENCE, torch.get_num_threads, light=True))  # nobody's
         return seen
 
     try:
-        assert asyncio.run(main()) == [2, 2, 1, 1, 2, 1]
+        assert asyncio.run(main()) == [2, 2, 1, [2, 2], 1, 2, 1]
     finally:
         runtime.shutdown()
         torch.set_num_threads(before)
