@@ -61,7 +61,7 @@ class LocalSwarm:
     def _decode_threads(self) -> list[str]:
         """Peers on one machine take turns at each decode step; one thread each keeps their idle
         OpenMP workers off the core the busy peer needs (peer/runtime.py has the figures; a
-        lone session's steps still get every thread)."""
+        pass holding every active session's step still gets every thread)."""
         if len(self.spans) < 2 or "--decode-threads" in self.extra_peer_args:
             return []
         return ["--decode-threads", "1"]
