@@ -229,6 +229,8 @@ class BlockSpan(nn.Module):
     def run_prepared(self, step: PreparedStep) -> torch.Tensor:
         """A prepared step run alone, with its session's own cache and adapters, committed."""
         state = step.state
+        if state.joined is not None:  # its own tensors from now on (swarm/joined_cache.py)
+            state.joined.release()
         before_block = self._deep_prompt_adder(state.deep_prompts, past=step.past, new=step.new)
         with adapters_applied(self.layers, self.start, state.adapters, checked=True):  # at start_inference
             outputs = self.family.run_layers(

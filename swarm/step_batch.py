@@ -6,13 +6,13 @@ sessions waiting at the same moment are run together, their rows stacked, readin
 weights once.
 
 Each session keeps its own KV cache (`InferenceState`), so sessions come and go freely and
-roll back or reorder beams on their own. For the joined pass the caches are laid side by side,
-each left-padded to the longest (`_JoinedLayer`): a padded column is masked for its row, so
-every row attends to exactly its own session's keys, at its own positions; ALiBi and sliding
-windows count from the mask and the positions, as for any left-padded batch. That costs one
-copy of the sessions' caches per layer per step, on top of the append a lone step makes
-(measured in benchmarks/concurrent_users.py; at the default model's 192 KV values per token
-and layer, 8 sessions of 100 tokens copy 0.6 MB per layer).
+roll back or reorder beams on their own. For the joined pass the caches are side by side,
+each left-padded to the longest: a padded column is masked for its row, so every row attends
+to exactly its own session's keys, at its own positions; ALiBi and sliding windows count from
+the mask and the positions, as for any left-padded batch. Sessions that keep stepping together
+keep that arrangement between passes (swarm/joined_cache.py: each pass writes one column in
+place); where it does not fit, a pass lays the caches out for itself (`_JoinedLayer`: one copy
+of the sessions' caches per layer, on top of the append each makes).
 
 What runs apart, as it would alone: steps of more than one token (a prompt), steps still
 inside the session's deep prompts, sessions whose adapters hook the layers (LoRA, IA3,
@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .joined_cache import JoinedCache, arrange
 from .tuning import AdapterSet
 
 
@@ -45,6 +46,7 @@ class InferenceState:
     deep_prompts: torch.Tensor | None = None
     adapters: list[AdapterSet] = field(default_factory=list)
     prefix_length: int = 0
+    joined: JoinedCache | None = field(default=None, repr=False, compare=False)  # swarm/joined_cache.py
 
     @property
     def joinable(self) -> bool:
@@ -136,33 +138,53 @@ def _joinable(span, step: PreparedStep) -> bool:
 
 
 def _run_joined(span, steps: list[PreparedStep]) -> list[torch.Tensor]:
+    joined = arrange([step.state for step in steps])
+    if joined is None:
+        return _run_laid_out(span, steps)
+    order = joined.order([step.state for step in steps])
+    in_rows = [None] * len(steps)
+    for step, i in zip(steps, order):
+        in_rows[i] = step
+    outputs = _run_pass(span, in_rows, joined.pads, joined.pass_layers())
+    joined.advance()
+    return [outputs[i] for i in order]
+
+
+def _run_laid_out(span, steps: list[PreparedStep]) -> list[torch.Tensor]:
+    """The pass with the caches laid out for it alone (they do not fit an arrangement)."""
     lengths = [step.state.cache.get_seq_length() for step in steps]  # a prefix included
     longest = max(lengths)
-    masks = []
-    for step, length in zip(steps, lengths):
-        batch = step.hidden_states.shape[0]
-        mask = step.layer_mask
-        if mask is None:
-            mask = torch.ones(batch, length + 1, dtype=torch.long, device=step.hidden_states.device)
-        masks.append(torch.nn.functional.pad(mask.long(), (longest - length, 0)))
     rows = [step.hidden_states.shape[0] for step in steps]
-    cache = Cache(layers=[_JoinedLayer([step.state.cache.layers[i] for step in steps], rows, lengths, longest)
-                          for i in range(span.length)])
+    layers = [_JoinedLayer([step.state.cache.layers[i] for step in steps], rows, lengths, longest)
+              for i in range(span.length)]
     try:
-        outputs = span.family.run_layers(
-            span.layers, span.rotary, span.span_config, span.start,
-            torch.cat([step.hidden_states for step in steps]), torch.cat(masks),
-            torch.cat([step.position_ids for step in steps]), cache=cache,
-        )
+        return _run_pass(span, steps, [longest - length for length in lengths], layers)
     except BaseException:
         for step, length in zip(steps, lengths):  # layers that ran appended a column: take it back
             for layer in step.state.cache.layers:
                 if layer.get_seq_length() > length:
                     layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
         raise
+
+
+def _run_pass(span, steps: list[PreparedStep], pads: list[int], layers: list[DynamicLayer]) -> list[torch.Tensor]:
+    """One forward pass of the steps' rows, in order, each session's mask left-padded by its pad;
+    each step's output, the steps committed."""
+    masks = []
+    for step, pad in zip(steps, pads):
+        mask = step.layer_mask
+        if mask is None:
+            mask = torch.ones(step.hidden_states.shape[0], step.state.cache.get_seq_length() + 1, dtype=torch.long,
+                              device=step.hidden_states.device)
+        masks.append(torch.nn.functional.pad(mask.long(), (pad, 0)))
+    outputs = span.family.run_layers(
+        span.layers, span.rotary, span.span_config, span.start,
+        torch.cat([step.hidden_states for step in steps]), torch.cat(masks),
+        torch.cat([step.position_ids for step in steps]), cache=Cache(layers=layers),
+    )
     for step in steps:
         step.commit()
-    return list(outputs.split(rows))
+    return list(outputs.split([step.hidden_states.shape[0] for step in steps]))
 
 
 class _JoinedLayer(DynamicLayer):
