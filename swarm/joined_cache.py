@@ -139,31 +139,31 @@ class JoinedCache:
         self.keys, self.values, self._views, self._members = [], [], [], []
 
 
-def arrange(states: Sequence[Any]) -> JoinedCache | None:
-    """The arrangement for a pass of these sessions' decode steps: theirs as it stands if they
-    are exactly its members, else a new one (dissolving the ones they were in); None if they
-    do not fit one (their caches are laid out afresh for the pass)."""
+def arrange(states: Sequence[Any]) -> tuple[JoinedCache, list[int]] | None:
+    """The arrangement for a pass of these sessions' decode steps, and where each sits in it:
+    theirs as it stands if they are exactly its members, else a new one (dissolving the ones
+    they were in); None if they do not fit one (their caches are laid out afresh for the pass)."""
     current = states[0].joined
-    if current is not None and current.order(states) is not None:
-        return current
+    if current is not None and (order := current.order(states)) is not None:
+        return current, order
     for state in states:
         if state.joined is not None:
             state.joined.release()
-    return JoinedCache(states) if _fit(states) else None
+    return (JoinedCache(states), list(range(len(states)))) if _fit(states) else None
 
 
 def _fit(states: Sequence[Any]) -> bool:
+    def shapes(layer) -> tuple:  # what must agree between rows stacked in one tensor
+        keys, values = layer.keys, layer.values
+        return (type(layer), keys.dtype, keys.device, keys.shape[1], keys.shape[3:], values.shape[1],
+                values.shape[3:])
+
     layers = [state.cache.layers for state in states]
     if any(len(own) != len(layers[0]) for own in layers):
         return False
     for i, first in enumerate(layers[0]):
-        for own in layers:
-            layer = own[i]
-            if (type(layer) is not DynamicLayer or layer.keys.dtype != first.keys.dtype
-                    or layer.keys.device != first.keys.device or layer.keys.shape[1:2] != first.keys.shape[1:2]
-                    or layer.values.shape[1:2] != first.values.shape[1:2]
-                    or layer.keys.shape[3:] != first.keys.shape[3:] or layer.values.shape[3:] != first.values.shape[3:]):
-                return False
+        if type(first) is not DynamicLayer or any(shapes(own[i]) != shapes(first) for own in layers):
+            return False
     lengths = [state.cache.get_seq_length() for state in states]
     real = sum(state.batch_size * length for state, length in zip(states, lengths))
     padded = sum(state.batch_size * (max(lengths) - length) for state, length in zip(states, lengths))

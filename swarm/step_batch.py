@@ -138,10 +138,10 @@ def _joinable(span, step: PreparedStep) -> bool:
 
 
 def _run_joined(span, steps: list[PreparedStep]) -> list[torch.Tensor]:
-    joined = arrange([step.state for step in steps])
-    if joined is None:
+    arranged = arrange([step.state for step in steps])
+    if arranged is None:
         return _run_laid_out(span, steps)
-    order = joined.order([step.state for step in steps])
+    joined, order = arranged
     in_rows = [None] * len(steps)
     for step, i in zip(steps, order):
         in_rows[i] = step
