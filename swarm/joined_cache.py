@@ -124,13 +124,16 @@ class JoinedCache:
         self.length += 1
         self._point(self.members())
 
-    def release(self) -> None:
-        """Dissolves the arrangement: each member still viewing it gets copies of its own."""
+    def release(self, moving: frozenset[int] = frozenset()) -> None:
+        """Dissolves the arrangement: each member still viewing it gets copies of its own, but
+        those `moving` (ids of states) into a new arrangement, which copies them from here."""
         for member in self._members:
             state = member()
             if state is None or state.joined is not self:
                 continue
             state.joined = None
+            if id(state) in moving:
+                continue
             for layer, keys, values in zip(state.cache.layers, self.keys, self.values):
                 if _shares(layer.keys, keys):
                     layer.keys = layer.keys.clone()
@@ -146,10 +149,12 @@ def arrange(states: Sequence[Any]) -> tuple[JoinedCache, list[int]] | None:
     current = states[0].joined
     if current is not None and (order := current.order(states)) is not None:
         return current, order
+    fits = _fit(states)
+    moving = frozenset(id(state) for state in states) if fits else frozenset()
     for state in states:
         if state.joined is not None:
-            state.joined.release()
-    return (JoinedCache(states), list(range(len(states)))) if _fit(states) else None
+            state.joined.release(moving)
+    return (JoinedCache(states), list(range(len(states)))) if fits else None
 
 
 def _fit(states: Sequence[Any]) -> bool:
