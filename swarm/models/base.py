@@ -52,7 +52,10 @@ class ClientParts(nn.Module):
         return self.input_norm(embeds) if self.input_norm is not None else embeds
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.norm(hidden_states))
+        return self.capped(self.lm_head(self.norm(hidden_states)))
+
+    def capped(self, logits: torch.Tensor) -> torch.Tensor:
+        """The LM head's output as the family hands it on (soft-capped, for Gemma)."""
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits

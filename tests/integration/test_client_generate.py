@@ -38,6 +38,37 @@ def test_greedy_matches_local(model, local, prompt):
 
 
 @pytest.mark.compat
+def test_greedy_screens_the_head_and_anything_reading_scores_gets_the_full_head(model, local, monkeypatch):
+    """Greedy picks through the int8 copy of the head (client/greedy_head.py); outputs that
+    carry the scores, and sampling, never see it."""
+    import client.model
+
+    screened = []
+
+    def spy(*args):
+        logits = real(*args)
+        screened.append(logits is not None)
+        return logits
+
+    real = client.model.screened_logits
+    monkeypatch.setattr(client.model, "screened_logits", spy)
+    inputs = model.tokenizer(PROMPTS[0], return_tensors="pt")
+    ours = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert ours.tolist() == local.generate(**inputs, max_new_tokens=12, do_sample=False).tolist()
+    assert len(screened) == 12 and all(screened)
+
+    screened.clear()
+    options = dict(max_new_tokens=6, do_sample=False, output_scores=True, output_logits=True,
+                   return_dict_in_generate=True)
+    ours, theirs = model.generate(**inputs, **options), local.generate(**inputs, **options)
+    assert screened == []
+    assert ours.sequences.tolist() == theirs.sequences.tolist()
+    torch.testing.assert_close(torch.stack(ours.logits), torch.stack(theirs.logits), atol=1e-4, rtol=1e-4)
+    model.generate(**inputs, max_new_tokens=3, do_sample=False, repetition_penalty=1.2)  # a logits processor
+    assert screened == []
+
+
+@pytest.mark.compat
 def test_batch_with_left_padding_matches_local(model, local):
     tokenizer = model.tokenizer
     tokenizer.padding_side = "left"

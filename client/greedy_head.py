@@ -1,0 +1,124 @@
+"""Greedy decoding's next token from an int8 copy of the LM head, exact.
+
+The client's LM head is its largest cost per token: for the default model a float32 matrix of
+49152 x 576 (113 MB) read in full for every token, 12-14 ms on one core of this box, and 8
+clients on one machine spend most of their CPU there (perf, 2026-12-03). Greedy decoding needs
+only the largest logit, so the head is first read in int8 (a quarter of the bytes:
+`torch.ops.aten._weight_int8pack_mm`, 5 ms), with a bound on each logit's error; only the
+tokens whose bound still lets them be the largest (15 in the median, 102 at p90, at most 662
+of 49152 over 478 steps of the default model) are then computed exactly in float32, from the
+float weights. The token chosen is the one the full float32 head would choose.
+
+The bound, per vocabulary row i, for the head's input h (after the final norm): the row is
+stored as codes round(W_i / s_i) with s_i = max|W_i| / 127, so each weight is off by at most
+s_i / 2; h enters the kernel in bfloat16 (off by at most 2^-9 |h_k|, times a code of at most
+127 s_i); the kernel's float32 sums add far less, and its bfloat16 output is off by at most
+2^-9 of itself. Hence |approx_i - exact_i| <= s_i |h|_1 (1/2 + 127 / 2^9 + slack) + |approx_i| /
+2^7. A row whose upper bound is below the largest lower bound cannot win.
+
+Where this is used (client/model.py): only inside `generate`, only when transformers decodes
+greedily with no logits processor and returns no scores or logits, only for a float32 head on
+the CPU, with gradients off. Anywhere else the full head runs as before. The vector handed back
+is exact for the candidates and within its bound elsewhere, every approximate entry below the
+winner, so argmax over it is the full head's argmax. The int8 copy is built at the first such
+step (a quarter of the head's memory), checked once against the float head on random inputs,
+and rebuilt when the weights change in place (an optimizer step, load_state_dict: both move the
+tensor's version counter; writes through `.data` do not). If the kernel is missing or fails that
+check, the full head runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+# Per-row error per unit of s_i |h|_1: weight rounding (1/2) + bfloat16 input (127 / 2^9 = 0.248)
+# + float32 sums (576 terms: 0.005), rounded up.
+WEIGHT_BOUND = 0.8
+OUTPUT_BOUND = 2.0**-7  # the kernel's bfloat16 output, twice over
+# Above this many candidates (a flat distribution) the full head is cheaper than the gather.
+MAX_CANDIDATES_RATIO = 1 / 16
+# torch's kernel reads the hidden size in blocks: measured with torch 2.13, sizes that are not a
+# multiple of 16 give wrong sums (8, 24, 40) or crash the process (7, 100). Every released LLM's
+# hidden size is a multiple of 64.
+HIDDEN_MULTIPLE = 64
+
+
+class ScreenedHead:
+    """The int8 copy of one float32 LM head weight (vocab, hidden) on the CPU."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self.version = weight._version
+        weight = weight.detach()
+        self.scales = (weight.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        self.codes = torch.round(weight / self.scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        self.bf16_scales = self.scales.to(torch.bfloat16)
+        # The kernel scales by the bfloat16 scale: undone after, so only its output rounding is left.
+        self.rescale = self.scales / self.bf16_scales.float()
+
+    def current(self, weight: torch.Tensor) -> bool:
+        return weight is self.weight and weight._version == self.version
+
+    def approximate(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's logits from the int8 copy and their error bounds, (rows, vocab) each."""
+        approx = torch.ops.aten._weight_int8pack_mm(hidden.to(torch.bfloat16), self.codes, self.bf16_scales)
+        approx = approx.float() * self.rescale
+        l1 = hidden.abs().sum(dim=1, keepdim=True)
+        bound = self.scales * l1 * WEIGHT_BOUND + approx.abs() * OUTPUT_BOUND
+        return approx, bound
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """(rows, vocab) with the exact float32 logit of every token that may be the largest,
+        and the int8 estimate, below the winner, elsewhere; None where the full head is cheaper
+        (the input is not finite, or too many tokens are close)."""
+        if not bool(torch.isfinite(hidden).all()):
+            return None
+        approx, bound = self.approximate(hidden)
+        lower = (approx - bound).amax(dim=1, keepdim=True)
+        rows, tokens = ((approx + bound) >= lower).nonzero(as_tuple=True)
+        if tokens.numel() > MAX_CANDIDATES_RATIO * approx.numel():
+            return None
+        exact = (self.weight.detach()[tokens] * hidden[rows]).sum(dim=1)
+        approx[rows, tokens] = exact
+        return approx
+
+    def check(self, samples: int = 4) -> bool:
+        """Whether the kernel keeps to the bound here: random inputs, against the float head."""
+        generator = torch.Generator().manual_seed(0)
+        hidden = torch.randn(samples, self.codes.shape[1], generator=generator) * 3
+        hidden[:, :4] *= 30  # a few outlier channels, as real hidden states have
+        approx, bound = self.approximate(hidden)
+        exact = F.linear(hidden, self.weight.detach())
+        return bool(((approx - exact).abs() <= bound / 2).all())
+
+
+def screened_logits(head: torch.nn.Linear, hidden: torch.Tensor, cache: dict) -> torch.Tensor | None:
+    """Greedy decoding's logits for `hidden` (..., hidden size) through `head` (see the module
+    docstring), or None where the full head must run. `cache` keeps the int8 copy."""
+    weight = head.weight
+    if (weight.dtype != torch.float32 or weight.device.type != "cpu" or head.bias is not None
+            or torch.is_grad_enabled() or hidden.dtype != torch.float32 or weight.shape[1] % HIDDEN_MULTIPLE):
+        return None
+    screened = cache.get("head")
+    if screened is None or not screened.current(weight):
+        cache.pop("head", None)
+        if cache.get("broken"):
+            return None
+        try:
+            screened = ScreenedHead(weight)
+            usable = screened.check()
+        except (RuntimeError, AttributeError, NotImplementedError) as error:  # no such kernel in this torch
+            logger.debug("int8 head screening unavailable: %s", error)
+            usable = False
+        if not usable:
+            cache["broken"] = True
+            return None
+        cache["head"] = screened
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    logits = screened.logits(flat)
+    return logits.reshape(*hidden.shape[:-1], -1) if logits is not None else None

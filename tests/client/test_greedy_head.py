@@ -1,0 +1,100 @@
+"""The screened LM head (client/greedy_head.py): its argmax is the float head's, its bound
+holds, and it steps aside wherever it cannot promise that."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from client import greedy_head
+from client.greedy_head import ScreenedHead, screened_logits
+
+
+def head(vocab: int = 4096, hidden: int = 128, seed: int = 0) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(hidden, vocab, bias=False)
+    linear.weight.data.normal_(0, 0.05)
+    return linear
+
+
+def hidden_states(rows: int, width: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    states = torch.randn(rows, width, generator=generator)
+    states[:, 3] *= 40  # an outlier channel, as real final hidden states have
+    return states
+
+
+@torch.no_grad()
+def test_the_bound_holds_and_the_argmax_is_the_float_heads():
+    linear = head()
+    screened = ScreenedHead(linear.weight)
+    states = hidden_states(64, 128)
+    exact = linear(states)
+    approx, bound = screened.approximate(states)
+    assert ((approx - exact).abs() <= bound).all()
+    logits = screened.logits(states)
+    assert torch.equal(logits.argmax(dim=1), exact.argmax(dim=1))
+    winners = exact.argmax(dim=1, keepdim=True)
+    torch.testing.assert_close(logits.gather(1, winners), exact.gather(1, winners))
+
+
+@torch.no_grad()
+def test_near_ties_go_to_the_float_heads_winner():
+    """Rows that differ by less than int8 can tell apart: the float head decides."""
+    linear = head()
+    weight = linear.weight.data
+    states = hidden_states(32, 128, seed=2)
+    for row, state in enumerate(states):
+        best = int(linear(state).argmax())
+        rival = (best + 1 + row) % weight.shape[0]
+        # The rival's row: the winner's, nudged along the state by an amount int8 cannot see.
+        weight[rival] = weight[best] + (1e-4 if row % 2 else -1e-4) * state / state.norm()
+        exact = linear(state[None])
+        logits = screened_logits(linear, state[None], {})
+        assert logits is not None
+        assert int(logits.argmax()) == int(exact.argmax()), row
+
+
+@torch.no_grad()
+def test_it_steps_aside_where_it_cannot_promise_the_argmax():
+    linear = head()
+    states = hidden_states(2, 128)
+    assert screened_logits(linear, states, {}) is not None
+    assert screened_logits(linear, states.double(), {}) is None
+    assert screened_logits(head(hidden=100), hidden_states(2, 100), {}) is None  # the kernel's blocks
+    assert screened_logits(head(), torch.full((1, 128), float("nan")), {}) is None
+    flat = torch.zeros(1, 128)  # every token ties: the full head is cheaper
+    assert screened_logits(linear, flat, {}) is None
+    with torch.enable_grad():
+        assert screened_logits(linear, states, {}) is None
+
+
+@torch.no_grad()
+def test_a_head_that_changes_is_copied_again():
+    linear = head()
+    cache: dict = {}
+    states = hidden_states(4, 128)
+    screened_logits(linear, states, cache)
+    first = cache["head"]
+    linear.weight[:100] *= -1  # in place, as an optimizer step or load_state_dict writes
+    logits = screened_logits(linear, states, cache)
+    assert cache["head"] is not first
+    assert torch.equal(logits.argmax(dim=1), linear(states).argmax(dim=1))
+
+
+@torch.no_grad()
+def test_a_kernel_that_breaks_the_bound_is_not_used(monkeypatch):
+    monkeypatch.setattr(greedy_head, "WEIGHT_BOUND", 0.0)  # as if the kernel lost precision
+    cache: dict = {}
+    assert screened_logits(head(), hidden_states(2, 128), cache) is None
+    assert cache.get("broken")
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+@torch.no_grad()
+def test_batches_screen_row_by_row(rows):
+    linear = head(vocab=1000, hidden=64)
+    states = hidden_states(rows, 64, seed=5).reshape(rows, 1, 64)
+    logits = screened_logits(linear, states, {})
+    assert logits.shape == (rows, 1, 1000)
+    assert torch.equal(logits.argmax(dim=-1), linear(states).argmax(dim=-1))
