@@ -17,10 +17,13 @@ s_i / 2; h enters the kernel in bfloat16 (off by at most 2^-9 |h_k|, times a cod
 2^7. A row whose upper bound is below the largest lower bound cannot win.
 
 Where this is used (client/model.py): only inside `generate`, only when transformers decodes
-greedily with no logits processor and returns no scores or logits, only for a float32 head on
-the CPU, with gradients off. Anywhere else the full head runs as before. The vector handed back
-is exact for the candidates and within its bound elsewhere, every approximate entry below the
-winner, so argmax over it is the full head's argmax. The int8 copy is built at the first such
+greedily, returns no scores or logits, and runs no logits processor but those that only mask
+tokens (`min_new_tokens`, `suppress_tokens`, `bad_words_ids`, `no_repeat_ngram_size`); only for
+a float32 head on the CPU, with gradients off, and no soft-capping. Anywhere else the full head
+runs as before. The vector handed back is exact for the candidates and within its bound
+elsewhere, every approximate entry below the winner, so argmax over it is the full head's. When
+a processor masked a candidate, the last processor (`ExactArgmax`) picks the candidates again
+among the tokens left. The int8 copy is built at the first such
 step (a quarter of the head's memory), checked once against the float head on random inputs,
 and rebuilt when the weights change in place (an optimizer step, load_state_dict: both move the
 tensor's version counter; writes through `.data` do not). If the kernel is missing or fails that
@@ -33,6 +36,9 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from transformers.generation import (LogitsProcessor, MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor,
+                                     NoBadWordsLogitsProcessor, NoRepeatNGramLogitsProcessor,
+                                     SuppressTokensAtBeginLogitsProcessor, SuppressTokensLogitsProcessor)
 
 logger = logging.getLogger(__name__)
 
@@ -72,20 +78,22 @@ class ScreenedHead:
         bound = self.scales * l1 * WEIGHT_BOUND + approx.abs() * OUTPUT_BOUND
         return approx, bound
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """(rows, vocab) with the exact float32 logit of every token that may be the largest,
-        and the int8 estimate, below the winner, elsewhere; None where the full head is cheaper
-        (the input is not finite, or too many tokens are close)."""
-        if not bool(torch.isfinite(hidden).all()):
-            return None
-        approx, bound = self.approximate(hidden)
-        lower = (approx - bound).amax(dim=1, keepdim=True)
-        rows, tokens = ((approx + bound) >= lower).nonzero(as_tuple=True)
+    def pick(self, hidden: torch.Tensor, approx: torch.Tensor, bound: torch.Tensor,
+             allowed: torch.Tensor | None = None) -> torch.Tensor | None:
+        """`approx` with the exact float32 logit of every token (of those `allowed`, all by
+        default) that may be the largest of its row; None where the full head is cheaper."""
+        upper, lower = approx + bound, approx - bound
+        if allowed is not None:
+            lower = lower.masked_fill(~allowed, -torch.inf)
+        candidates = upper >= lower.amax(dim=1, keepdim=True)
+        if allowed is not None:
+            candidates &= allowed
+        rows, tokens = candidates.nonzero(as_tuple=True)
         if tokens.numel() > MAX_CANDIDATES_RATIO * approx.numel():
             return None
-        exact = (self.weight.detach()[tokens] * hidden[rows]).sum(dim=1)
-        approx[rows, tokens] = exact
-        return approx
+        picked = approx.clone()
+        picked[rows, tokens] = (self.weight.detach()[tokens] * hidden[rows]).sum(dim=1)
+        return picked
 
     def check(self, samples: int = 4) -> bool:
         """Whether the kernel keeps to the bound here: random inputs, against the float head."""
@@ -97,28 +105,85 @@ class ScreenedHead:
         return bool(((approx - exact).abs() <= bound / 2).all())
 
 
-def screened_logits(head: torch.nn.Linear, hidden: torch.Tensor, cache: dict) -> torch.Tensor | None:
-    """Greedy decoding's logits for `hidden` (..., hidden size) through `head` (see the module
-    docstring), or None where the full head must run. `cache` keeps the int8 copy."""
+class GreedySteps:
+    """One greedy `generate` call's screening: the model's forward hands each step's hidden
+    states to `logits`; `ExactArgmax`, the last logits processor, then mends the step if an
+    earlier processor masked tokens. `cache` (the model's) keeps the int8 copy between calls."""
+
+    def __init__(self, cache: dict) -> None:
+        self.cache = cache
+        self.last: tuple[ScreenedHead, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def logits(self, head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Screened logits for `hidden` (rows, 1, hidden size) after the final norm (see the module
+        docstring), or None where the full head must run."""
+        self.last = None
+        screened = _screened_head(head, self.cache)
+        if screened is None or hidden.dim() != 3 or hidden.shape[1] != 1 or hidden.dtype != torch.float32:
+            return None  # several positions a row (assisted decoding): the processor could not mend them
+        flat = hidden[:, 0]
+        if not bool(torch.isfinite(flat).all()):
+            return None
+        approx, bound = screened.approximate(flat)
+        picked = screened.pick(flat, approx, bound)
+        if picked is None:
+            return None
+        self.last = (screened, flat, approx, bound, picked)
+        return picked[:, None]
+
+    def mend(self, scores: torch.Tensor) -> torch.Tensor:
+        """`scores`: the last step's logits after the masking processors. Masked tokens cannot win,
+        so the tokens that may win now are picked again among the rest, and computed exactly."""
+        last, self.last = self.last, None
+        if last is None or last[4].shape != scores.shape:
+            return scores
+        screened, flat, approx, bound, picked = last
+        allowed = scores == picked  # the processors allowed here only set masked tokens to -inf
+        if bool(allowed.all()):
+            return scores
+        again = screened.pick(flat, approx, bound, allowed)
+        if again is None:
+            again = F.linear(flat, screened.weight.detach())
+        return torch.where(allowed, again, scores)
+
+
+# The logits processors that only set some tokens' scores to -inf: with these before it,
+# `ExactArgmax` keeps greedy decoding exact (`min_new_tokens`, `suppress_tokens`, `bad_words_ids`...).
+MASKING_PROCESSORS = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor, NoBadWordsLogitsProcessor,
+                      NoRepeatNGramLogitsProcessor, SuppressTokensAtBeginLogitsProcessor, SuppressTokensLogitsProcessor)
+
+
+class ExactArgmax(LogitsProcessor):
+    """The last processor of a screened greedy generate (see `GreedySteps.mend`)."""
+
+    def __init__(self, steps: GreedySteps) -> None:
+        self.steps = steps
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.steps.mend(scores)
+
+
+def _screened_head(head: torch.nn.Linear, cache: dict) -> ScreenedHead | None:
+    """The int8 copy of `head` kept in `cache`, (re)built when missing or stale; None where the
+    head cannot be screened (or torch's kernel is missing or breaks the bound here)."""
     weight = head.weight
     if (weight.dtype != torch.float32 or weight.device.type != "cpu" or head.bias is not None
-            or torch.is_grad_enabled() or hidden.dtype != torch.float32 or weight.shape[1] % HIDDEN_MULTIPLE):
+            or torch.is_grad_enabled() or weight.shape[1] % HIDDEN_MULTIPLE):
         return None
     screened = cache.get("head")
-    if screened is None or not screened.current(weight):
-        cache.pop("head", None)
-        if cache.get("broken"):
-            return None
-        try:
-            screened = ScreenedHead(weight)
-            usable = screened.check()
-        except (RuntimeError, AttributeError, NotImplementedError) as error:  # no such kernel in this torch
-            logger.debug("int8 head screening unavailable: %s", error)
-            usable = False
-        if not usable:
-            cache["broken"] = True
-            return None
-        cache["head"] = screened
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    logits = screened.logits(flat)
-    return logits.reshape(*hidden.shape[:-1], -1) if logits is not None else None
+    if screened is not None and screened.current(weight):
+        return screened
+    cache.pop("head", None)
+    if cache.get("broken"):
+        return None
+    try:
+        screened = ScreenedHead(weight)
+        usable = screened.check()
+    except (RuntimeError, AttributeError, NotImplementedError) as error:  # no such kernel in this torch
+        logger.debug("int8 head screening unavailable: %s", error)
+        usable = False
+    if not usable:
+        cache["broken"] = True
+        return None
+    cache["head"] = screened
+    return screened

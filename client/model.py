@@ -32,7 +32,7 @@ from swarm.tuning import ExportTarget, LoRA
 from .autograd import remote_forward
 from .remote_swarm import RemoteSwarm, SwarmSettings
 from .export import load_adapter, read_tuning_settings, save_adapter
-from .greedy_head import screened_logits
+from .greedy_head import MASKING_PROCESSORS, ExactArgmax, GreedySteps
 from .sequential import RemoteBody
 from .session import InferenceSession
 from .tuning import ClientTuning, default_ia3, resolve_modes
@@ -40,8 +40,8 @@ from .tuning import ClientTuning, default_ia3, resolve_modes
 logger = logging.getLogger(__name__)
 
 # Set by `_get_logits_processor` inside one `generate` call (per thread: the HTTP API generates
-# in several at once): the step's logits feed nothing but an argmax.
-_ARGMAX_ONLY = contextvars.ContextVar("argmax_only", default=False)
+# in several at once) whose steps' logits feed nothing but masks and an argmax.
+_GREEDY_STEPS: contextvars.ContextVar[GreedySteps | None] = contextvars.ContextVar("greedy_steps", default=None)
 
 
 class RemoteCache(DynamicCache):
@@ -232,30 +232,34 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_kwargs(cache))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if _ARGMAX_ONLY.get():
-            screened = screened_logits(self.parts.lm_head, self.parts.norm(hidden), self._greedy_head)
+        steps = _GREEDY_STEPS.get()
+        if steps is not None:
+            screened = steps.logits(self.parts.lm_head, self.parts.norm(hidden))
             if screened is not None:
-                return self.parts.capped(screened)  # monotone: the argmax stays
+                return screened
         return self.parts.logits(hidden)
 
     def _get_logits_processor(self, *args, **kwargs):
-        """transformers' processors; notes whether this generate only takes each step's argmax
-        (greedy, nothing changing or returning the scores), which lets the head be screened.
-        Should transformers stop calling this, every step simply runs the full head."""
+        """transformers' processors, and `ExactArgmax` last when this generate only masks and
+        takes each step's argmax (greedy, nothing returning the scores): then the head is
+        screened. Should transformers stop calling this, every step runs the full head."""
         processors = super()._get_logits_processor(*args, **kwargs)
         config = kwargs["generation_config"] if "generation_config" in kwargs else args[0]
-        _ARGMAX_ONLY.set(self.screen_greedy_head and len(processors) == 0 and not config.output_scores
-                         and not config.output_logits
-                         and config.get_generation_mode() == GenerationMode.GREEDY_SEARCH)
+        if (self.screen_greedy_head and self.parts.logit_softcap is None and not config.output_scores
+                and not config.output_logits and config.get_generation_mode() == GenerationMode.GREEDY_SEARCH
+                and all(type(processor) in MASKING_PROCESSORS for processor in processors)):
+            steps = GreedySteps(self._greedy_head)
+            _GREEDY_STEPS.set(steps)
+            processors.append(ExactArgmax(steps))
         return processors
 
     def generate(self, *args, **kwargs):
         """transformers' generate, with the KV cache on the peers."""
-        token = _ARGMAX_ONLY.set(False)
+        token = _GREEDY_STEPS.set(None)
         try:
             return self._generate(*args, **kwargs)
         finally:
-            _ARGMAX_ONLY.reset(token)
+            _GREEDY_STEPS.reset(token)
 
     def _generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None,
                   **kwargs):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from client import greedy_head
-from client.greedy_head import ScreenedHead, screened_logits
+from client.greedy_head import GreedySteps, ScreenedHead
 
 
 def head(vocab: int = 4096, hidden: int = 128, seed: int = 0) -> torch.nn.Linear:
@@ -15,6 +15,12 @@ def head(vocab: int = 4096, hidden: int = 128, seed: int = 0) -> torch.nn.Linear
     linear = torch.nn.Linear(hidden, vocab, bias=False)
     linear.weight.data.normal_(0, 0.05)
     return linear
+
+
+def screened_logits(linear: torch.nn.Linear, states: torch.Tensor, cache: dict) -> torch.Tensor | None:
+    """One greedy step's logits, (rows, vocab), as the model's forward gets them."""
+    logits = GreedySteps(cache).logits(linear, states[:, None])
+    return logits[:, 0] if logits is not None else None
 
 
 def hidden_states(rows: int, width: int, seed: int = 1) -> torch.Tensor:
@@ -32,7 +38,8 @@ def test_the_bound_holds_and_the_argmax_is_the_float_heads():
     exact = linear(states)
     approx, bound = screened.approximate(states)
     assert ((approx - exact).abs() <= bound).all()
-    logits = screened.logits(states)
+    approx, bound = screened.approximate(states)
+    logits = screened.pick(states, approx, bound)
     assert torch.equal(logits.argmax(dim=1), exact.argmax(dim=1))
     winners = exact.argmax(dim=1, keepdim=True)
     torch.testing.assert_close(logits.gather(1, winners), exact.gather(1, winners))
@@ -94,7 +101,29 @@ def test_a_kernel_that_breaks_the_bound_is_not_used(monkeypatch):
 @torch.no_grad()
 def test_batches_screen_row_by_row(rows):
     linear = head(vocab=1000, hidden=64)
-    states = hidden_states(rows, 64, seed=5).reshape(rows, 1, 64)
+    states = hidden_states(rows, 64, seed=5)
     logits = screened_logits(linear, states, {})
-    assert logits.shape == (rows, 1, 1000)
+    assert logits.shape == (rows, 1000)
     assert torch.equal(logits.argmax(dim=-1), linear(states).argmax(dim=-1))
+    if rows > 1:
+        assert GreedySteps({}).logits(linear, states.reshape(1, rows, 64)) is None  # several positions a row
+
+
+@torch.no_grad()
+def test_a_masked_winner_makes_the_tokens_left_be_picked_again():
+    """`min_new_tokens` masks EOS, say, when EOS was the winner: the runner-up, which the int8
+    copy alone may have misjudged, must be the float head's."""
+    linear = head()
+    states = hidden_states(16, 128, seed=7)
+    steps = GreedySteps({})
+    for state in states:
+        exact = linear(state[None])
+        logits = steps.logits(linear, state[None, None])[:, 0]
+        candidates = logits != steps.last[2]  # those computed exactly: every token that could win
+        masked = logits.masked_fill(candidates, -torch.inf)  # as a masking processor would
+        mended = steps.mend(masked)
+        best = int(exact.masked_fill(candidates, -torch.inf).argmax())
+        assert int(mended.argmax()) == best
+        assert torch.isneginf(mended[candidates]).all()
+        torch.testing.assert_close(mended[0, best], exact[0, best], rtol=1e-6, atol=1e-6)
+    assert steps.mend(masked) is masked  # once per step: a stale step is not mended

@@ -39,23 +39,34 @@ def test_greedy_matches_local(model, local, prompt):
 
 @pytest.mark.compat
 def test_greedy_screens_the_head_and_anything_reading_scores_gets_the_full_head(model, local, monkeypatch):
-    """Greedy picks through the int8 copy of the head (client/greedy_head.py); outputs that
-    carry the scores, and sampling, never see it."""
-    import client.model
+    """Greedy picks through the int8 copy of the head (client/greedy_head.py), with masking
+    processors too (`min_new_tokens` masks EOS); outputs that carry the scores, and processors
+    that change them, never see it."""
+    from client.greedy_head import GreedySteps
 
     screened = []
 
-    def spy(*args):
-        logits = real(*args)
+    def spy(self, *args):
+        logits = real(self, *args)
         screened.append(logits is not None)
         return logits
 
-    real = client.model.screened_logits
-    monkeypatch.setattr(client.model, "screened_logits", spy)
+    real = GreedySteps.logits
+    monkeypatch.setattr(GreedySteps, "logits", spy)
     inputs = model.tokenizer(PROMPTS[0], return_tensors="pt")
     ours = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert ours.tolist() == local.generate(**inputs, max_new_tokens=12, do_sample=False).tolist()
     assert len(screened) == 12 and all(screened)
+
+    screened.clear()
+    chat = model.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], tokenize=False,
+                                               add_generation_prompt=True)
+    chat = model.tokenizer(chat, return_tensors="pt")
+    options = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)  # past where EOS would win
+    ours, theirs = model.generate(**chat, **options), local.generate(**chat, **options)
+    assert ours.tolist() == theirs.tolist()
+    assert local.generate(**chat, max_new_tokens=40, do_sample=False).shape[1] < theirs.shape[1]
+    assert len(screened) == 40 and all(screened)
 
     screened.clear()
     options = dict(max_new_tokens=6, do_sample=False, output_scores=True, output_logits=True,
@@ -64,7 +75,7 @@ def test_greedy_screens_the_head_and_anything_reading_scores_gets_the_full_head(
     assert screened == []
     assert ours.sequences.tolist() == theirs.sequences.tolist()
     torch.testing.assert_close(torch.stack(ours.logits), torch.stack(theirs.logits), atol=1e-4, rtol=1e-4)
-    model.generate(**inputs, max_new_tokens=3, do_sample=False, repetition_penalty=1.2)  # a logits processor
+    model.generate(**inputs, max_new_tokens=3, do_sample=False, repetition_penalty=1.2)  # changes scores
     assert screened == []
 
 
