@@ -61,58 +61,68 @@ class ScreenedHead:
         self.weight = weight
         self.version = weight._version
         weight = weight.detach()
-        self.scales = (weight.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        # Scales rounded up to bfloat16, which the kernel multiplies by: exactly these, and no
+        # weight's code leaves [-127, 127].
+        scales = (weight.abs().amax(dim=1) / 127 * (1 + 2.0**-7)).clamp_min(1e-30)
+        self.bf16_scales = scales.to(torch.bfloat16)
+        self.scales = self.bf16_scales.float()
         self.codes = torch.round(weight / self.scales[:, None]).clamp_(-127, 127).to(torch.int8)
-        self.bf16_scales = self.scales.to(torch.bfloat16)
-        # The kernel scales by the bfloat16 scale: undone after, so only its output rounding is left.
-        self.rescale = self.scales / self.bf16_scales.float()
+        self.bound_scales = self.scales * WEIGHT_BOUND
 
     def current(self, weight: torch.Tensor) -> bool:
         return weight is self.weight and weight._version == self.version
 
-    def approximate(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's logits from the int8 copy and their error bounds, (rows, vocab) each."""
-        approx = torch.ops.aten._weight_int8pack_mm(hidden.to(torch.bfloat16), self.codes, self.bf16_scales)
-        approx = approx.float() * self.rescale
-        l1 = hidden.abs().sum(dim=1, keepdim=True)
-        bound = self.scales * l1 * WEIGHT_BOUND + approx.abs() * OUTPUT_BOUND
-        return approx, bound
+    def estimate(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(rows, vocab): each row's logits from the int8 copy."""
+        return torch.ops.aten._weight_int8pack_mm(hidden.to(torch.bfloat16), self.codes, self.bf16_scales).float()
 
-    def pick(self, hidden: torch.Tensor, approx: torch.Tensor, bound: torch.Tensor,
-             allowed: torch.Tensor | None = None) -> torch.Tensor | None:
-        """`approx` with the exact float32 logit of every token (of those `allowed`, all by
-        default) that may be the largest of its row; None where the full head is cheaper."""
-        upper, lower = approx + bound, approx - bound
-        if allowed is not None:
-            lower = lower.masked_fill(~allowed, -torch.inf)
-        candidates = upper >= lower.amax(dim=1, keepdim=True)
-        if allowed is not None:
-            candidates &= allowed
-        rows, tokens = candidates.nonzero(as_tuple=True)
+    def bounds(self, hidden: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+        """How far each of `approx` may be from the float head's logit (the module docstring)."""
+        return self.bound_scales * hidden.abs().sum(dim=1, keepdim=True) + approx.abs() * OUTPUT_BOUND
+
+    def pick(self, hidden: torch.Tensor, approx: torch.Tensor) -> tuple[torch.Tensor, tuple] | None:
+        """`approx` (rows, vocab), in place, with the exact float32 logit of every token that may
+        be the largest of its row, and where the largest are (rows, tokens); None where the full
+        head is cheaper (too many tokens are close)."""
+        # A token can win only if its upper bound reaches the best lower bound. In one fused pass,
+        # the bound with its output term at the row's largest |approx| keeps a superset of those, a few dozen; only these get their own bounds.
+        l1 = hidden.abs().sum(dim=1, keepdim=True)
+        (top, at), bottom = approx.max(dim=1, keepdim=True), approx.amin(dim=1, keepdim=True)
+        largest = torch.maximum(top.abs(), bottom.abs()) * OUTPUT_BOUND
+        top_lower = top - self.bound_scales[at] * l1 - top.abs() * OUTPUT_BOUND
+        reach = torch.addcmul(approx, self.bound_scales, l1)
+        rows, tokens = (reach >= top_lower - largest).nonzero(as_tuple=True)
+        near = approx[rows, tokens]
+        bound = self.bound_scales[tokens] * l1[rows, 0] + near.abs() * OUTPUT_BOUND
+        best_lower = torch.full_like(top[:, 0], -torch.inf).scatter_reduce_(0, rows, near - bound, "amax")
+        keep = near + bound >= best_lower[rows]
+        rows, tokens = rows[keep], tokens[keep]
         if tokens.numel() > MAX_CANDIDATES_RATIO * approx.numel():
             return None
-        picked = approx.clone()
-        picked[rows, tokens] = (self.weight.detach()[tokens] * hidden[rows]).sum(dim=1)
-        return picked
+        exact = (self.weight.detach()[tokens] * hidden[rows]).sum(dim=1)
+        approx[rows, tokens] = exact
+        best = torch.full_like(top[:, 0], -torch.inf).scatter_reduce_(0, rows, exact, "amax")
+        wins = exact == best[rows]
+        return approx, (rows[wins], tokens[wins])
 
     def check(self, samples: int = 4) -> bool:
         """Whether the kernel keeps to the bound here: random inputs, against the float head."""
         generator = torch.Generator().manual_seed(0)
         hidden = torch.randn(samples, self.codes.shape[1], generator=generator) * 3
         hidden[:, :4] *= 30  # a few outlier channels, as real hidden states have
-        approx, bound = self.approximate(hidden)
+        approx = self.estimate(hidden)
         exact = F.linear(hidden, self.weight.detach())
-        return bool(((approx - exact).abs() <= bound / 2).all())
+        return bool(((approx - exact).abs() <= self.bounds(hidden, approx) / 2).all())
 
 
 class GreedySteps:
     """One greedy `generate` call's screening: the model's forward hands each step's hidden
     states to `logits`; `ExactArgmax`, the last logits processor, then mends the step if an
-    earlier processor masked tokens. `cache` (the model's) keeps the int8 copy between calls."""
+    earlier processor masked its winner. `cache` (the model's) keeps the int8 copy between calls."""
 
     def __init__(self, cache: dict) -> None:
         self.cache = cache
-        self.last: tuple[ScreenedHead, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.last: tuple | None = None  # (the copy, hidden states, logits, where each row's winners are)
 
     def logits(self, head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor | None:
         """Screened logits for `hidden` (rows, 1, hidden size) after the final norm (see the module
@@ -124,27 +134,24 @@ class GreedySteps:
         flat = hidden[:, 0]
         if not bool(torch.isfinite(flat).all()):
             return None
-        approx, bound = screened.approximate(flat)
-        picked = screened.pick(flat, approx, bound)
+        picked = screened.pick(flat, screened.estimate(flat))
         if picked is None:
             return None
-        self.last = (screened, flat, approx, bound, picked)
-        return picked[:, None]
+        self.last = (screened, flat, *picked)
+        return picked[0][:, None]
 
     def mend(self, scores: torch.Tensor) -> torch.Tensor:
-        """`scores`: the last step's logits after the masking processors. Masked tokens cannot win,
-        so the tokens that may win now are picked again among the rest, and computed exactly."""
+        """`scores`: the last step's logits after the masking processors. Masking a token that
+        is not a row's winner leaves the winner the largest; where a winner was masked, its row's
+        tokens left get the full head's logits (rare: EOS held back by `min_new_tokens`, say)."""
         last, self.last = self.last, None
-        if last is None or last[4].shape != scores.shape:
+        if last is None or last[2].shape != scores.shape:
             return scores
-        screened, flat, approx, bound, picked = last
+        screened, flat, picked, winners = last
+        if bool((scores[winners] == picked[winners]).all()):
+            return scores
         allowed = scores == picked  # the processors allowed here only set masked tokens to -inf
-        if bool(allowed.all()):
-            return scores
-        again = screened.pick(flat, approx, bound, allowed)
-        if again is None:
-            again = F.linear(flat, screened.weight.detach())
-        return torch.where(allowed, again, scores)
+        return torch.where(allowed, F.linear(flat, screened.weight.detach()), scores)
 
 
 # The logits processors that only set some tokens' scores to -inf: with these before it,

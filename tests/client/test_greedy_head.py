@@ -36,10 +36,9 @@ def test_the_bound_holds_and_the_argmax_is_the_float_heads():
     screened = ScreenedHead(linear.weight)
     states = hidden_states(64, 128)
     exact = linear(states)
-    approx, bound = screened.approximate(states)
-    assert ((approx - exact).abs() <= bound).all()
-    approx, bound = screened.approximate(states)
-    logits = screened.pick(states, approx, bound)
+    approx = screened.estimate(states)
+    assert ((approx - exact).abs() <= screened.bounds(states, approx)).all()
+    logits, _ = screened.pick(states, approx.clone())
     assert torch.equal(logits.argmax(dim=1), exact.argmax(dim=1))
     winners = exact.argmax(dim=1, keepdim=True)
     torch.testing.assert_close(logits.gather(1, winners), exact.gather(1, winners))
@@ -119,11 +118,14 @@ def test_a_masked_winner_makes_the_tokens_left_be_picked_again():
     for state in states:
         exact = linear(state[None])
         logits = steps.logits(linear, state[None, None])[:, 0]
-        candidates = logits != steps.last[2]  # those computed exactly: every token that could win
+        candidates = logits == (linear.weight * state).sum(dim=1)  # those computed exactly: all that could win
         masked = logits.masked_fill(candidates, -torch.inf)  # as a masking processor would
         mended = steps.mend(masked)
         best = int(exact.masked_fill(candidates, -torch.inf).argmax())
         assert int(mended.argmax()) == best
         assert torch.isneginf(mended[candidates]).all()
         torch.testing.assert_close(mended[0, best], exact[0, best], rtol=1e-6, atol=1e-6)
+        loser = steps.logits(linear, state[None, None])[:, 0].clone()
+        loser[0, int(loser.argsort(descending=True)[0, 1])] = -torch.inf  # the runner-up only: the winner stays
+        assert steps.mend(loser) is loser
     assert steps.mend(masked) is masked  # once per step: a stale step is not mended
