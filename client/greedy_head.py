@@ -1,33 +1,35 @@
 """Greedy decoding's next token from an int8 copy of the LM head, exact.
 
 The client's LM head is its largest cost per token: for the default model a float32 matrix of
-49152 x 576 (113 MB) read in full for every token, 12-14 ms on one core of this box, and 8
-clients on one machine spend most of their CPU there (perf, 2026-12-03). Greedy decoding needs
-only the largest logit, so the head is first read in int8 (a quarter of the bytes:
-`torch.ops.aten._weight_int8pack_mm`, 5 ms), with a bound on each logit's error; only the
-tokens whose bound still lets them be the largest (15 in the median, 102 at p90, at most 662
-of 49152 over 478 steps of the default model) are then computed exactly in float32, from the
-float weights. The token chosen is the one the full float32 head would choose.
+49152 x 576 (113 MB) read in full for every token, 12 ms on one core of this box; 8 clients on
+one machine spent most of their CPU there (perf, 2026-12-03). Greedy decoding needs only the
+largest logit, so the head is first read in int8 (a quarter of the bytes, with
+`torch.ops.aten._weight_int8pack_mm`: 5.4 ms), with a bound on each logit's error. Only the
+tokens whose bound still lets them be the largest (9 in the median, 44 at p90, at most 346 of
+49152 over 478 steps of the default model) are then computed exactly in float32, from the float
+weights: 6.4-7 ms a step in all. The token chosen is the one the full float32 head chooses.
 
 The bound, per vocabulary row i, for the head's input h (after the final norm): the row is
-stored as codes round(W_i / s_i) with s_i = max|W_i| / 127, so each weight is off by at most
-s_i / 2; h enters the kernel in bfloat16 (off by at most 2^-9 |h_k|, times a code of at most
-127 s_i); the kernel's float32 sums add far less, and its bfloat16 output is off by at most
-2^-9 of itself. Hence |approx_i - exact_i| <= s_i |h|_1 (1/2 + 127 / 2^9 + slack) + |approx_i| /
-2^7. A row whose upper bound is below the largest lower bound cannot win.
+stored as codes round(W_i / s_i) with s_i >= max|W_i| / 127 (a bfloat16 number, which the kernel
+multiplies by exactly), so each weight is off by at most s_i / 2; h enters the kernel in
+bfloat16 (each off by at most 2^-9 |h_k|, times a code of at most 127 s_i); the kernel's float32
+sums add far less, and its bfloat16 output is off by at most 2^-9 of itself. Hence
+|approx_i - exact_i| <= s_i |h|_1 (1/2 + 127 / 2^9 + slack) + |approx_i| / 2^7. A token whose
+upper bound is below the best lower bound cannot win.
 
 Where this is used (client/model.py): only inside `generate`, only when transformers decodes
 greedily, returns no scores or logits, and runs no logits processor but those that only mask
 tokens (`min_new_tokens`, `suppress_tokens`, `bad_words_ids`, `no_repeat_ngram_size`); only for
 a float32 head on the CPU, with gradients off, and no soft-capping. Anywhere else the full head
 runs as before. The vector handed back is exact for the candidates and within its bound
-elsewhere, every approximate entry below the winner, so argmax over it is the full head's. When
-a processor masked a candidate, the last processor (`ExactArgmax`) picks the candidates again
-among the tokens left. The int8 copy is built at the first such
-step (a quarter of the head's memory), checked once against the float head on random inputs,
-and rebuilt when the weights change in place (an optimizer step, load_state_dict: both move the
-tensor's version counter; writes through `.data` do not). If the kernel is missing or fails that
-check, the full head runs.
+elsewhere, every approximate entry below the winner, so its argmax is the full head's. Masking a
+token other than the winner keeps that so; when a processor masked the winner, the last
+processor (`ExactArgmax`) gives that row the full head's logits.
+
+The int8 copy is built at the first such step (a quarter of the head's memory), checked once
+against the float head on random inputs, and rebuilt when the weights change in place (an
+optimizer step, load_state_dict: both move the tensor's version counter; writes through `.data`
+do not). If the kernel is missing or fails that check, the full head runs.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ class ScreenedHead:
         be the largest of its row, and where the largest are (rows, tokens); None where the full
         head is cheaper (too many tokens are close)."""
         # A token can win only if its upper bound reaches the best lower bound. In one fused pass,
-        # the bound with its output term at the row's largest |approx| keeps a superset of those, a few dozen; only these get their own bounds.
+        # the bound with its output term at the row's largest |approx| keeps a superset of those
+        # (a few dozen); only these get their own bounds.
         l1 = hidden.abs().sum(dim=1, keepdim=True)
         (top, at), bottom = approx.max(dim=1, keepdim=True), approx.amin(dim=1, keepdim=True)
         largest = torch.maximum(top.abs(), bottom.abs()) * OUTPUT_BOUND
