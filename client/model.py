@@ -78,7 +78,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_flash_attn = True
     _supports_flex_attn = True
     # Greedy generate picks each token through an int8 copy of the LM head, then the float head
-    # for the few tokens that may win: the same tokens, 2.5x less head time (client/greedy_head.py).
+    # for the few tokens that may win: the same tokens, about half the head's time (client/greedy_head.py).
     # False runs the float head in full at every step.
     screen_greedy_head = True
 
@@ -90,9 +90,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = RemoteBody(swarm)  # model.model.layers: the remote blocks as a module
         self.tuning = tuning
         self.tokenizer = None
+        self._greedy_head: dict = {}  # the int8 copy of the LM head, built at the first greedy step
         # With a tuning method only its parameters train; without one, the client's own
         # embeddings, norm and head do (gradients reach them through the remote blocks).
-        self._greedy_head: dict = {}  # the int8 copy of the LM head, built at the first greedy step
         self.parts.requires_grad_(tuning is None)
         if tuning is not None and tuning.trains_embeddings:  # a tied LM head trains with them
             self.parts.embed_tokens.requires_grad_(True)
