@@ -312,3 +312,52 @@ def test_members_that_never_ran_together_are_not_waited_for():
     finally:
         runtime.shutdown()
     assert max(took) < 0.25, took
+
+
+def test_two_pairs_a_stage_apart_do_not_wait_for_each_other_at_two_peers():
+    """Four sessions stepping in two pairs through two peers, the pair b a stage behind the pair
+    a. If a peer waited for every member that ran with others lately, a would wait at the first
+    peer for b while b waits at the second for a, at every pass, each for the whole join wait
+    (measured: 4 clients through 3 peers at 10 tok/s, half the rate of 2). b has run at the
+    first peer since a last did, so a goes on; at the second, b waits for a, which comes
+    next: the pairs join."""
+    join_wait, work, rounds = 0.3, 0.02, 8
+    peers = [ComputeRuntime(join_wait=join_wait), ComputeRuntime(join_wait=join_wait)]
+    runs: list[list] = []
+
+    def compute(items):
+        time.sleep(work)
+        runs.append(sorted(items))
+        return items
+
+    async def steps(name: str, route: list) -> None:
+        for peer in route:
+            await peer.run_together(Priority.INFERENCE, "span", compute, name, member=name)
+
+    async def pair(names: tuple, route: list) -> None:
+        await asyncio.gather(*(steps(name, route) for name in names))
+
+    async def session(name: str, first_round: list) -> None:
+        await steps(name, first_round)
+        for _ in range(rounds - 1):
+            await asyncio.sleep(0.005)  # the client picks its token
+            await steps(name, peers)
+        for peer in peers:
+            peer.forget("span", name)
+
+    async def main() -> float:
+        for names in (("a1", "a2"), ("b1", "b2")):  # each pair steps together through both peers
+            await pair(names, peers)
+        runs.clear()
+        started = time.monotonic()
+        await asyncio.gather(*(session(name, peers if name[0] == "a" else peers[1:])
+                               for name in ("a1", "a2", "b1", "b2")))
+        return time.monotonic() - started
+
+    try:
+        took = asyncio.run(main())
+    finally:
+        for peer in peers:
+            peer.shutdown()
+    assert took < rounds * join_wait / 2, (took, runs)
+    assert runs[-1] == ["a1", "a2", "b1", "b2"], runs  # waiting still pulls the pairs into one pass
