@@ -163,6 +163,34 @@ MASKING_PROCESSORS = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcesso
                       NoRepeatNGramLogitsProcessor, SuppressTokensAtBeginLogitsProcessor, SuppressTokensLogitsProcessor)
 
 
+class EosHeldBack(LogitsProcessor):
+    """What `MinLengthLogitsProcessor` (`skip` 0) and `MinNewTokensLengthLogitsProcessor` do, in
+    place: EOS scores -inf while a row holds fewer than `min_length` tokens after the first
+    `skip`. transformers' own rebuild a vocabulary-sized mask and copy the scores at every step,
+    also once the length is reached: 0.44 ms each a step for the default model, on a screened
+    step of about 6. In place is safe here: generate hands the processors a copy of the logits,
+    and a screened generate keeps no scores."""
+
+    def __init__(self, min_length: int, skip: int, eos_token_id: torch.Tensor) -> None:
+        self.min_length, self.skip = min_length, skip
+        self.eos = torch.as_tensor(eos_token_id).reshape(-1)
+
+    @classmethod
+    def replacing(cls, processor: LogitsProcessor) -> LogitsProcessor:
+        """The in-place twin of a min-length processor; any other processor as it is."""
+        if type(processor) is MinLengthLogitsProcessor:
+            return cls(processor.min_length, 0, processor.eos_token_id)
+        if type(processor) is MinNewTokensLengthLogitsProcessor:
+            return cls(processor.min_new_tokens, processor.prompt_length_to_skip, processor.eos_token_id)
+        return processor
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[-1] - self.skip < self.min_length:
+            eos = self.eos.to(scores.device)
+            scores[:, eos[(eos >= 0) & (eos < scores.shape[-1])]] = -torch.inf  # as isin: other ids mask nothing
+        return scores
+
+
 class ExactArgmax(LogitsProcessor):
     """The last processor of a screened greedy generate (see `GreedySteps.mend`)."""
 

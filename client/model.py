@@ -32,7 +32,7 @@ from swarm.tuning import ExportTarget, LoRA
 from .autograd import remote_forward
 from .remote_swarm import RemoteSwarm, SwarmSettings
 from .export import load_adapter, read_tuning_settings, save_adapter
-from .greedy_head import MASKING_PROCESSORS, ExactArgmax, GreedySteps
+from .greedy_head import MASKING_PROCESSORS, EosHeldBack, ExactArgmax, GreedySteps
 from .sequential import RemoteBody
 from .session import InferenceSession
 from .tuning import ClientTuning, default_ia3, resolve_modes
@@ -242,7 +242,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def _get_logits_processor(self, *args, **kwargs):
         """transformers' processors, and `ExactArgmax` last when this generate only masks and
         takes each step's argmax (greedy, nothing returning the scores): then the head is
-        screened. Should transformers stop calling this, every step runs the full head."""
+        screened, and the min-length processors mask in place (`EosHeldBack`). Should
+        transformers stop calling this, every step runs the full head."""
         processors = super()._get_logits_processor(*args, **kwargs)
         config = kwargs["generation_config"] if "generation_config" in kwargs else args[0]
         if (self.screen_greedy_head and self.parts.logit_softcap is None and not config.output_scores
@@ -250,6 +251,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 and all(type(processor) in MASKING_PROCESSORS for processor in processors)):
             steps = GreedySteps(self._greedy_head)
             _GREEDY_STEPS.set(steps)
+            processors[:] = [EosHeldBack.replacing(processor) for processor in processors]
             processors.append(ExactArgmax(steps))
         return processors
 

@@ -129,3 +129,23 @@ def test_a_masked_winner_makes_the_tokens_left_be_picked_again():
         loser[0, int(loser.argsort(descending=True)[0, 1])] = -torch.inf  # the runner-up only: the winner stays
         assert steps.mend(loser) is loser
     assert steps.mend(masked) is masked  # once per step: a stale step is not mended
+
+
+@pytest.mark.parametrize("eos", [2, [2, 7], [5, 10**6]])
+def test_eos_held_back_in_place_as_transformers_min_length_processors(eos):
+    """The in-place twins give the scores transformers' own give, at every length (below the
+    minimum, at it, past it), for one EOS id, several, and one outside the vocabulary."""
+    from transformers.generation import MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
+
+    from client.greedy_head import EosHeldBack
+
+    theirs = [MinLengthLogitsProcessor(6, eos), MinNewTokensLengthLogitsProcessor(3, 2, eos)]
+    ours = [EosHeldBack.replacing(processor) for processor in theirs]
+    assert all(type(processor) is EosHeldBack for processor in ours)
+    scores = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
+    for length in range(3, 9):
+        input_ids = torch.ones(2, length, dtype=torch.long)
+        for their, our in zip(theirs, ours):
+            expected = their(input_ids, scores)
+            got = our(input_ids, scores.clone())
+            assert torch.equal(got, expected), (type(their).__name__, length)
