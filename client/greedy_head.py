@@ -174,6 +174,7 @@ class EosHeldBack(LogitsProcessor):
     def __init__(self, min_length: int, skip: int, eos_token_id: torch.Tensor) -> None:
         self.min_length, self.skip = min_length, skip
         self.eos = torch.as_tensor(eos_token_id).reshape(-1)
+        self._columns: tuple | None = None  # (vocab size, device, the EOS ids inside it), once a generate
 
     @classmethod
     def replacing(cls, processor: LogitsProcessor) -> LogitsProcessor:
@@ -186,9 +187,15 @@ class EosHeldBack(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[-1] - self.skip < self.min_length:
-            eos = self.eos.to(scores.device)
-            scores[:, eos[(eos >= 0) & (eos < scores.shape[-1])]] = -torch.inf  # as isin: other ids mask nothing
+            scores[:, self._eos_columns(scores)] = -torch.inf
         return scores
+
+    def _eos_columns(self, scores: torch.Tensor) -> torch.Tensor:
+        vocab, device = scores.shape[-1], scores.device
+        if self._columns is None or self._columns[:2] != (vocab, device):
+            eos = self.eos.to(device)
+            self._columns = (vocab, device, eos[(eos >= 0) & (eos < vocab)])  # as isin: other ids mask nothing
+        return self._columns[2]
 
 
 class ExactArgmax(LogitsProcessor):
