@@ -3,19 +3,12 @@
 The client's LM head is its largest cost per token: for the default model a float32 matrix of
 49152 x 576 (113 MB) read in full for every token, 12 ms on one core of this box; 8 clients on
 one machine spent most of their CPU there (perf, 2026-12-03). Greedy decoding needs only the
-largest logit, so the head is first read in int8 (a quarter of the bytes, with
-`torch.ops.aten._weight_int8pack_mm`: 5.4 ms), with a bound on each logit's error. Only the
-tokens whose bound still lets them be the largest (9 in the median, 44 at p90, at most 346 of
-49152 over 478 steps of the default model) are then computed exactly in float32, from the float
-weights: 6.4-7 ms a step in all. The token chosen is the one the full float32 head chooses.
-
-The bound, per vocabulary row i, for the head's input h (after the final norm): the row is
-stored as codes round(W_i / s_i) with s_i >= max|W_i| / 127 (a bfloat16 number, which the kernel
-multiplies by exactly), so each weight is off by at most s_i / 2; h enters the kernel in
-bfloat16 (each off by at most 2^-9 |h_k|, times a code of at most 127 s_i); the kernel's float32
-sums add far less, and its bfloat16 output is off by at most 2^-9 of itself. Hence
-|approx_i - exact_i| <= s_i |h|_1 (1/2 + 127 / 2^9 + slack) + |approx_i| / 2^7. A token whose
-upper bound is below the best lower bound cannot win.
+largest logit, so the head is first read in int8 (`client/head_estimates.py`: 0.9 ms with
+fbgemm's int8 kernel, 3.9 with bfloat16 input where fbgemm is missing), with a rigorous bound on
+each logit's error. Only the tokens whose bound still lets them be the largest (3 in the median,
+10 at p90 of 351 steps of the default model with fbgemm; 7 and 30 with bfloat16 input) are then
+computed exactly in float32, from the float weights. The token chosen is the one the full
+float32 head chooses: a token whose upper bound is below the best lower bound cannot win.
 
 Where this is used (client/model.py): only inside `generate`, only when transformers decodes
 greedily, returns no scores or logits, and runs no logits processor but those that only mask
@@ -29,7 +22,7 @@ processor (`ExactArgmax`) gives that row the full head's logits.
 The int8 copy is built at the first such step (a quarter of the head's memory), checked once
 against the float head on random inputs, and rebuilt when the weights change in place (an
 optimizer step, load_state_dict: both move the tensor's version counter; writes through `.data`
-do not). If the kernel is missing or fails that check, the full head runs.
+do not). If no kernel is there or passes that check, the full head runs.
 """
 
 from __future__ import annotations
@@ -42,64 +35,53 @@ from transformers.generation import (LogitsProcessor, MinLengthLogitsProcessor, 
                                      NoBadWordsLogitsProcessor, NoRepeatNGramLogitsProcessor,
                                      SuppressTokensAtBeginLogitsProcessor, SuppressTokensLogitsProcessor)
 
+from . import head_estimates
+
 logger = logging.getLogger(__name__)
 
-# Per-row error per unit of s_i |h|_1: weight rounding (1/2) + bfloat16 input (127 / 2^9 = 0.248)
-# + float32 sums (576 terms: 0.005), rounded up.
-WEIGHT_BOUND = 0.8
-OUTPUT_BOUND = 2.0**-7  # the kernel's bfloat16 output, twice over
 # Above this many candidates (a flat distribution) the full head is cheaper than the gather.
 MAX_CANDIDATES_RATIO = 1 / 16
-# torch's kernel reads the hidden size in blocks: measured with torch 2.13, sizes that are not a
-# multiple of 16 give wrong sums (8, 24, 40) or crash the process (7, 100). Every released LLM's
-# hidden size is a multiple of 64.
-HIDDEN_MULTIPLE = 64
 
 
 class ScreenedHead:
-    """The int8 copy of one float32 LM head weight (vocab, hidden) on the CPU."""
+    """An int8 copy of one float32 LM head weight (vocab, hidden) on the CPU: the first of
+    `head_estimates.ESTIMATES` that this torch has and that keeps to its bound here."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, estimate: type) -> None:
         self.weight = weight
         self.version = weight._version
-        weight = weight.detach()
-        # Scales rounded up to bfloat16, which the kernel multiplies by: exactly these, and no
-        # weight's code leaves [-127, 127].
-        scales = (weight.abs().amax(dim=1) / 127 * (1 + 2.0**-7)).clamp_min(1e-30)
-        self.bf16_scales = scales.to(torch.bfloat16)
-        self.scales = self.bf16_scales.float()
-        self.codes = torch.round(weight / self.scales[:, None]).clamp_(-127, 127).to(torch.int8)
-        self.bound_scales = self.scales * WEIGHT_BOUND
+        self.estimates = estimate(weight.detach())
+
+    @classmethod
+    def first_usable(cls, weight: torch.Tensor) -> ScreenedHead | None:
+        for estimate in head_estimates.ESTIMATES:
+            try:
+                screened = cls(weight, estimate)
+                if screened.check():
+                    return screened
+                logger.debug("%s breaks its bound here", estimate.__name__)
+            except (RuntimeError, AttributeError, NotImplementedError) as error:  # no such kernel here
+                logger.debug("%s unavailable: %s", estimate.__name__, error)
+        return None
 
     def current(self, weight: torch.Tensor) -> bool:
         return weight is self.weight and weight._version == self.version
 
-    def estimate(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(rows, vocab): each row's logits from the int8 copy."""
-        return torch.ops.aten._weight_int8pack_mm(hidden.to(torch.bfloat16), self.codes, self.bf16_scales).float()
+    def estimate(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, vocab) twice: each row's logits from the int8 copy, and how far each may be
+        from the float head's."""
+        return self.estimates.estimate(hidden)
 
-    def bounds(self, hidden: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
-        """How far each of `approx` may be from the float head's logit (the module docstring)."""
-        return self.bound_scales * hidden.abs().sum(dim=1, keepdim=True) + approx.abs() * OUTPUT_BOUND
-
-    def pick(self, hidden: torch.Tensor, approx: torch.Tensor) -> tuple[torch.Tensor, tuple] | None:
+    def pick(self, hidden: torch.Tensor, approx: torch.Tensor,
+             bound: torch.Tensor) -> tuple[torch.Tensor, tuple] | None:
         """`approx` (rows, vocab), in place, with the exact float32 logit of every token that may
         be the largest of its row, and where the largest are (rows, tokens); None where the full
-        head is cheaper (too many tokens are close)."""
-        # A token can win only if its upper bound reaches the best lower bound. In one fused pass,
-        # the bound with its output term at the row's largest |approx| keeps a superset of those
-        # (a few dozen); only these get their own bounds.
-        l1 = hidden.abs().sum(dim=1, keepdim=True)
-        (top, at), bottom = approx.max(dim=1, keepdim=True), approx.amin(dim=1, keepdim=True)
-        largest = torch.maximum(top.abs(), bottom.abs()) * OUTPUT_BOUND
-        top_lower = top - self.bound_scales[at] * l1 - top.abs() * OUTPUT_BOUND
-        reach = torch.addcmul(approx, self.bound_scales, l1)
-        rows, tokens = (reach >= top_lower - largest).nonzero(as_tuple=True)
-        near = approx[rows, tokens]
-        bound = self.bound_scales[tokens] * l1[rows, 0] + near.abs() * OUTPUT_BOUND
-        best_lower = torch.full_like(top[:, 0], -torch.inf).scatter_reduce_(0, rows, near - bound, "amax")
-        keep = near + bound >= best_lower[rows]
-        rows, tokens = rows[keep], tokens[keep]
+        head is cheaper (too many tokens are close). `bound` is used up."""
+        # A token can win only if its upper bound reaches the lower bound of the row's approximate
+        # winner, which the largest exact logit is at least.
+        top, at = approx.max(dim=1, keepdim=True)
+        lowest_best = top - bound.gather(1, at)
+        rows, tokens = (bound.add_(approx) >= lowest_best).nonzero(as_tuple=True)
         if tokens.numel() > MAX_CANDIDATES_RATIO * approx.numel():
             return None
         exact = (self.weight.detach()[tokens] * hidden[rows]).sum(dim=1)
@@ -109,13 +91,15 @@ class ScreenedHead:
         return approx, (rows[wins], tokens[wins])
 
     def check(self, samples: int = 4) -> bool:
-        """Whether the kernel keeps to the bound here: random inputs, against the float head."""
+        """Whether the kernel keeps to the bound here: random inputs, against the float head, and
+        its sums against the same sums in float64 (a kernel just inside the bound is not trusted)."""
         generator = torch.Generator().manual_seed(0)
-        hidden = torch.randn(samples, self.codes.shape[1], generator=generator) * 3
+        hidden = torch.randn(samples, self.weight.shape[1], generator=generator) * 3
         hidden[:, :4] *= 30  # a few outlier channels, as real hidden states have
-        approx = self.estimate(hidden)
+        approx, bound = self.estimate(hidden)
         exact = F.linear(hidden, self.weight.detach())
-        return bool(((approx - exact).abs() <= self.bounds(hidden, approx) / 2).all())
+        return bool(((approx - exact).abs() <= bound).all()) and self.estimates.computes_as_assumed(
+            hidden, approx, bound, exact)
 
 
 class GreedySteps:
@@ -137,7 +121,7 @@ class GreedySteps:
         flat = hidden[:, 0]
         if not bool(torch.isfinite(flat).all()):
             return None
-        picked = screened.pick(flat, screened.estimate(flat))
+        picked = screened.pick(flat, *screened.estimate(flat))
         if picked is None:
             return None
         self.last = (screened, flat, *picked)
@@ -210,10 +194,9 @@ class ExactArgmax(LogitsProcessor):
 
 def _screened_head(head: torch.nn.Linear, cache: dict) -> ScreenedHead | None:
     """The int8 copy of `head` kept in `cache`, (re)built when missing or stale; None where the
-    head cannot be screened (or torch's kernel is missing or breaks the bound here)."""
+    head cannot be screened (or no kernel is there, or none keeps to its bound here)."""
     weight = head.weight
-    if (weight.dtype != torch.float32 or weight.device.type != "cpu" or head.bias is not None
-            or torch.is_grad_enabled() or weight.shape[1] % HIDDEN_MULTIPLE):
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or head.bias is not None or torch.is_grad_enabled():
         return None
     screened = cache.get("head")
     if screened is not None and screened.current(weight):
@@ -221,13 +204,8 @@ def _screened_head(head: torch.nn.Linear, cache: dict) -> ScreenedHead | None:
     cache.pop("head", None)
     if cache.get("broken"):
         return None
-    try:
-        screened = ScreenedHead(weight)
-        usable = screened.check()
-    except (RuntimeError, AttributeError, NotImplementedError) as error:  # no such kernel in this torch
-        logger.debug("int8 head screening unavailable: %s", error)
-        usable = False
-    if not usable:
+    screened = ScreenedHead.first_usable(weight)
+    if screened is None:
         cache["broken"] = True
         return None
     cache["head"] = screened

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client import greedy_head
+from client import head_estimates
 from client.greedy_head import GreedySteps, ScreenedHead
+from client.head_estimates import ESTIMATES, BFloat16Activations, Int8Activations
 
 
 def head(vocab: int = 4096, hidden: int = 128, seed: int = 0) -> torch.nn.Linear:
@@ -30,15 +31,18 @@ def hidden_states(rows: int, width: int, seed: int = 1) -> torch.Tensor:
     return states
 
 
+@pytest.mark.parametrize("estimate", ESTIMATES)
 @torch.no_grad()
-def test_the_bound_holds_and_the_argmax_is_the_float_heads():
+def test_the_bound_holds_and_the_argmax_is_the_float_heads(estimate):
     linear = head()
-    screened = ScreenedHead(linear.weight)
+    screened = ScreenedHead(linear.weight, estimate)
     states = hidden_states(64, 128)
     exact = linear(states)
-    approx = screened.estimate(states)
-    assert ((approx - exact).abs() <= screened.bounds(states, approx)).all()
-    logits, _ = screened.pick(states, approx.clone())
+    approx, bound = screened.estimate(states)
+    assert ((approx - exact).abs() <= bound).all()
+    # Not a bound that lets everything through: a handful of candidates a row.
+    assert ((approx + bound >= (approx - bound).amax(dim=1, keepdim=True)).sum(dim=1) < 64).all()
+    logits, _ = screened.pick(states, approx.clone(), bound)
     assert torch.equal(logits.argmax(dim=1), exact.argmax(dim=1))
     winners = exact.argmax(dim=1, keepdim=True)
     torch.testing.assert_close(logits.gather(1, winners), exact.gather(1, winners))
@@ -67,7 +71,6 @@ def test_it_steps_aside_where_it_cannot_promise_the_argmax():
     states = hidden_states(2, 128)
     assert screened_logits(linear, states, {}) is not None
     assert screened_logits(linear, states.double(), {}) is None
-    assert screened_logits(head(hidden=100), hidden_states(2, 100), {}) is None  # the kernel's blocks
     assert screened_logits(head(), torch.full((1, 128), float("nan")), {}) is None
     flat = torch.zeros(1, 128)  # every token ties: the full head is cheaper
     assert screened_logits(linear, flat, {}) is None
@@ -89,11 +92,28 @@ def test_a_head_that_changes_is_copied_again():
 
 
 @torch.no_grad()
-def test_a_kernel_that_breaks_the_bound_is_not_used(monkeypatch):
-    monkeypatch.setattr(greedy_head, "WEIGHT_BOUND", 0.0)  # as if the kernel lost precision
+def test_the_fastest_kernel_here_is_used_and_a_kernel_that_breaks_its_bound_is_not(monkeypatch):
+    linear, states = head(), hidden_states(2, 128)
     cache: dict = {}
-    assert screened_logits(head(), hidden_states(2, 128), cache) is None
+    screened_logits(linear, states, cache)
+    assert type(cache["head"].estimates) is Int8Activations  # fbgemm is in the x86 and ARM wheels
+    monkeypatch.setattr(head_estimates, "CODE_ROUNDING", 0.0)  # as if the kernel lost precision
+    cache = {}
+    assert torch.equal(screened_logits(linear, states, cache).argmax(dim=1), linear(states).argmax(dim=1))
+    assert type(cache["head"].estimates) is BFloat16Activations
+    monkeypatch.setattr(head_estimates, "BF16_WEIGHT_BOUND", 0.0)
+    cache = {}
+    assert screened_logits(linear, states, cache) is None
     assert cache.get("broken")
+
+
+@torch.no_grad()
+def test_bfloat16_input_steps_aside_for_hidden_sizes_its_kernel_breaks_on():
+    with pytest.raises(NotImplementedError):
+        BFloat16Activations(head(hidden=100).weight)
+    linear, states = head(hidden=100), hidden_states(3, 100)
+    logits = screened_logits(linear, states, {})  # fbgemm reads any size
+    assert torch.equal(logits.argmax(dim=1), linear(states).argmax(dim=1))
 
 
 @pytest.mark.parametrize("rows", [1, 8])
