@@ -14,15 +14,8 @@ one priority, work runs in arrival order.
 Decode steps of different sessions that wait at the same time run as one forward pass
 (`run_together`): when the worker comes free it takes the first job, and with it every queued
 job of the same batch key, and hands them to one function. A lone client's step runs the
-moment the worker is free. While other sessions are generating too, a step may wait up to
-`join_wait` (from its arrival) for theirs: their clients are mid-round (sampling a token,
-or on the wire), and running each step as it trickles in would read every weight once per
-session instead of once per round. Waiting pulls sessions into step, so it is paid about
-once. Only sessions whose last step ran with others' are waited for (steps that queue up
-while the worker is busy start that); not those idle for ACTIVE_GAP, nor one whose last step
-ran alone: it may be blocked behind the very step that would wait for it; nor one that ran
-here since the waiting step's session last did: it is ahead in the round, perhaps waiting
-for this one at the next peer.
+moment the worker is free; while other sessions are generating too, a step may wait for
+theirs (peer/join_rule.py says for whom, and how long).
 
 A long training call does not hold the worker for its whole length: it calls `make_way()`
 between pieces of its work (per block), which runs the inference jobs waiting by then, on
@@ -57,6 +50,7 @@ from typing import Any, Callable, Hashable, Sequence, TypeVar
 
 from swarm.heap import release_freed_memory
 
+from .join_rule import ACTIVE_GAP, Member, wait_for_members
 from .threads import run_into
 
 logger = logging.getLogger(__name__)
@@ -64,11 +58,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # Seconds without work after a heavy job (training, prefill) before freed memory goes back to the OS.
 IDLE_TRIM_SECONDS = 1.0
-# A member of a batch key whose last job ran longer ago than this is not waited for: it is
-# idle (a user reading), not in the middle of generating.
-ACTIVE_GAP = 1.0
-
-
 class Priority(enum.IntEnum):
     """Lower runs first."""
 
@@ -91,18 +80,8 @@ class _Job:
     item: Any = field(compare=False, default=None)
     rows: int = field(compare=False, default=1)
     member: Hashable | None = field(compare=False, default=None)  # who submitted it (a session)
+    merge: bool = field(compare=False, default=False)  # also waits for members ahead of it
     queued_at: float = field(compare=False, default=0.0)
-
-
-@dataclass(frozen=True)
-class _Member:
-    """A submitter of jobs of one batch key, as the worker last saw it."""
-
-    last: float  # when its last job ran (time.monotonic)
-    # Whether that job ran with others'. Only such members are waited for: one that always runs
-    # alone may be blocked behind the very job that would wait for it (one client stepping two
-    # sessions in turn), and waiting for it would cost every step the whole wait.
-    together: bool
 
 
 class RuntimeStopped(RuntimeError):
@@ -122,7 +101,7 @@ class ComputeRuntime:
         self.threads, self.light_threads = threads, light_threads  # None: torch's setting as it is
         self.max_rows = max_rows  # rows (sequences) one merged run may hold
         self.join_wait = join_wait  # s a joinable job may wait for the other active members of its key
-        self._active: dict[Hashable, dict[Hashable, _Member]] = {}  # batch key -> member -> what it did last
+        self._active: dict[Hashable, dict[Hashable, Member]] = {}  # batch key -> member -> what it did last
         self._heap: list[_Job] = []
         self._ready = threading.Condition()
         self._seq = itertools.count()
@@ -138,7 +117,8 @@ class ComputeRuntime:
         return await self._submit(_Job(int(priority), next(self._seq), fn, args, kwargs, light))
 
     async def run_together(self, priority: Priority, key: Hashable, fn: Callable[[list], Sequence], item: Any,
-                           rows: int = 1, light: bool = False, member: Hashable | None = None) -> Any:
+                           rows: int = 1, light: bool = False, member: Hashable | None = None,
+                           merge: bool = False) -> Any:
         """`fn([item, ...])[i]` for this item, run in one call with the other items of `key`
         waiting when the worker takes it (up to `max_rows` rows in all). `fn` returns one
         result per item, in order; an item whose result is an exception gets it raised.
@@ -146,9 +126,10 @@ class ComputeRuntime:
         `member` names who submits (a session): while other members of the key are active
         (their last job ran with others', less than ACTIVE_GAP s ago), the worker waits up to
         `join_wait` s from this job's arrival for their next jobs, so that they run together.
-        A lone member never waits; `forget` it when it leaves."""
+        `merge`: it waits also for members that ran here since `member` last did (the module
+        docstring). A lone member never waits; `forget` it when it leaves."""
         return await self._submit(_Job(int(priority), next(self._seq), fn, light=light, batch_key=key, item=item,
-                                       rows=rows, member=member, queued_at=time.monotonic()))
+                                       rows=rows, member=member, merge=merge, queued_at=time.monotonic()))
 
     def forget(self, key: Hashable, member: Hashable) -> None:
         """`member` submits no more jobs of `key`: nobody waits for it."""
@@ -220,7 +201,8 @@ class ComputeRuntime:
             if first.batch_key is None:
                 return [first]
             if below is None and self.join_wait > 0:
-                self._wait_for_members(first)
+                wait_for_members(self._ready, self._heap, self._active.get(first.batch_key, {}), first,
+                                 self.join_wait)
             jobs, rows, rest = [first], first.rows, []
             for job in sorted(self._heap):  # arrival order within a priority
                 if (job.batch_key == first.batch_key and job.priority == first.priority
@@ -234,33 +216,8 @@ class ComputeRuntime:
                 heapq.heapify(self._heap)
             now, together = time.monotonic(), len(jobs) > 1
             active = self._active.setdefault(first.batch_key, {})
-            active.update((job.member, _Member(now, together)) for job in jobs if job.member is not None)
+            active.update((job.member, Member(now, together)) for job in jobs if job.member is not None)
             return jobs
-
-    def _wait_for_members(self, first: _Job) -> None:
-        """With the lock held: waits (up to `join_wait` s after `first` arrived) while members
-        of its key that were active lately, and have not run since `first`'s member last did,
-        have no job queued yet. Jobs of a higher priority than `first` do not exist (it was
-        the first), so nothing more urgent is held back.
-
-        A member that ran here after `first`'s did is ahead in the round: it may be at the next
-        peer, where it waits for `first`'s member. Waiting for it here too, both would wait out
-        the whole join wait, at every pass (two pairs of sessions a stage apart, measured: 4
-        clients through 3 peers at 10 tok/s, half the rate of 2). Members behind come here
-        before they go anywhere `first`'s member is awaited: they are the ones to wait for."""
-        deadline = first.queued_at + self.join_wait
-        while (now := time.monotonic()) < deadline:
-            active = self._active.get(first.batch_key, {})
-            mine = active.get(first.member)
-            if mine is None:
-                return
-            queued = {job.member for job in self._heap if job.batch_key == first.batch_key} | {first.member}
-            expected = [m for m, seen in active.items()
-                        if seen.together and now - seen.last < ACTIVE_GAP and seen.last <= mine.last
-                        and m not in queued]
-            if not expected:
-                return
-            self._ready.wait(deadline - now)
 
     def _work(self) -> None:
         torch = self._torch()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import grpc
 
 from swarm.blocks import BlockSpan, InferenceState
+from swarm.joined_prompts import MAX_TOKENS as JOINED_PROMPT_TOKENS
 from swarm.wire import swarm_pb2
 
 from .compute import SpanCompute
@@ -180,14 +181,18 @@ class InferenceSessions:
                              received)
 
     async def _compute(self, session: InferenceSession, step: InferenceStep):
-        """The step on the compute thread: a decode step of a session that may join others
-        runs in one forward pass with the joinable steps waiting then (peer/runtime.py)."""
+        """The step on the compute thread. A decode step, or a short prompt (the session's first
+        step), of a session that may join others runs in one forward pass with the joinable
+        steps waiting then (peer/runtime.py, swarm/step_batch.py). A long prompt runs by itself:
+        steps taken with it would wait for it."""
         state, codec = session.state, session.response_codec
-        decoding = step.hidden_states.shape[1] == 1
-        if decoding and state.joinable:
+        tokens = step.hidden_states.shape[1]
+        decoding = tokens == 1
+        if state.joinable and (decoding or (state.position == 0 and tokens <= JOINED_PROMPT_TOKENS)):
             rows = step.hidden_states.shape[0]
             return await self.runtime.run_together(Priority.INFERENCE, self.compute, self.compute.inference_steps,
-                                                   (state, step, codec), rows=rows, light=True, member=session)
+                                                   (state, step, codec), rows=rows, light=decoding, member=session,
+                                                   merge=self.span.start == 0)
         return await self.runtime.run(Priority.INFERENCE, self.compute.inference_step, state, step, codec,
                                       light=decoding)
 

@@ -14,10 +14,11 @@ keep that arrangement between passes (swarm/joined_cache.py: each pass writes on
 place); where it does not fit, a pass lays the caches out for itself (`_JoinedLayer`: one copy
 of the sessions' caches per layer, on top of the append each makes).
 
-What runs apart, as it would alone: steps of more than one token (a prompt), steps still
-inside the session's deep prompts, sessions whose adapters hook the layers (LoRA, IA3,
-bottleneck: their hooks would apply to every row; a prefix lives in the cache and joins),
-and a session's second step in one round (it must see the first).
+Sessions' first steps (their prompts) join too, in a pass of their own (swarm/joined_prompts.py).
+What runs apart, as it would alone: other steps of more than one token, steps still inside the
+session's deep prompts, sessions whose adapters hook the layers (LoRA, IA3, bottleneck: their
+hooks would apply to every row; a prefix lives in the cache and joins decode steps), and a
+session's second step in one round (it must see the first).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .joined_cache import JoinedCache, arrange
+from .joined_prompts import joinable_prompt, run_prompts
 from .tuning import AdapterSet
 
 
@@ -104,16 +106,17 @@ def run_steps(span, steps: list[StepArgs]) -> StepsRun:
             prepared[i] = span.prepare_step(*args)
         except Exception as e:  # noqa: BLE001 - this session's error, not the others'
             results[i] = e
-    joined = [i for i, step in prepared.items() if _joinable(span, step)]
-    if len(joined) > 1:
+    for joinable, run in ((_joinable, _run_joined), (joinable_prompt, run_prompts)):
+        joined = [i for i, step in prepared.items() if joinable(span, step)]
+        if len(joined) < 2:
+            continue
         try:
-            outputs = _run_joined(span, [prepared[i] for i in joined])
+            outputs = run(span, [prepared[i] for i in joined])
         except Exception as e:  # noqa: BLE001 - the pass failed: every step in it did
             outputs = [e] * len(joined)
         passes.append(len(joined))
-        results_of = dict(zip(joined, outputs))
-        for i in joined:
-            results[i] = results_of[i]
+        for i, output in zip(joined, outputs):
+            results[i] = output
             del prepared[i]
     for i, step in prepared.items():
         results[i] = _alone(span.run_prepared, step)

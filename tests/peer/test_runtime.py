@@ -361,3 +361,49 @@ def test_two_pairs_a_stage_apart_do_not_wait_for_each_other_at_two_peers():
             peer.shutdown()
     assert took < rounds * join_wait / 2, (took, runs)
     assert runs[-1] == ["a1", "a2", "b1", "b2"], runs  # waiting still pulls the pairs into one pass
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_groups_a_part_of_a_round_apart_merge_only_where_jobs_merge(merge):
+    """Two pairs of sessions, b half a round behind a, stepping through one peer in turn. Each
+    pair is ahead of the other at the peer, so the join rule alone keeps them apart for good; a
+    `merge` peer (the one serving block 0) waits for the pair ahead too: one pass from then on."""
+    join_wait, work, think, rounds = 0.3, 0.01, 0.06, 8
+    peer = ComputeRuntime(join_wait=join_wait)
+    runs: list[list] = []
+
+    def compute(items):
+        time.sleep(work)
+        runs.append(sorted(items))
+        return items
+
+    async def step(name: str) -> None:
+        await peer.run_together(Priority.INFERENCE, "span", compute, name, member=name, merge=merge)
+
+    async def session(name: str) -> None:
+        for _ in range(rounds):
+            await asyncio.sleep(think)  # the rest of the chain, and the client picking its token
+            await step(name)
+        peer.forget("span", name)
+
+    async def pair(names: tuple, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await asyncio.gather(*(step(name) for name in names))  # the pair runs together first
+        await asyncio.gather(*(session(name) for name in names))
+
+    async def main() -> float:
+        await peer.run(Priority.INFERENCE, lambda: None)  # the worker is up (it imports torch first)
+        started = time.monotonic()
+        await asyncio.gather(pair(("a1", "a2"), 0), pair(("b1", "b2"), work + think / 2))
+        return time.monotonic() - started
+
+    try:
+        took = asyncio.run(main())
+    finally:
+        peer.shutdown()
+    together = runs.count(["a1", "a2", "b1", "b2"])
+    if merge:
+        assert together >= rounds - 2, runs  # from the second round on, but a's last, a round ahead
+        assert took < (rounds + 2) * (work + think), (took, runs)
+    else:
+        assert together == 0, runs

@@ -79,6 +79,52 @@ def test_joined_steps_equal_steps_alone(span: BlockSpan):
     assert passes.count(1) == 4 * lora
 
 
+def test_joined_prompts_equal_prompts_alone(span: BlockSpan):
+    """Sessions' first steps in one pass (swarm/joined_prompts.py), of different lengths, one a
+    left-padded batch of 2: each session's output, and then its cache (its next steps), as alone."""
+    plans, size = sessions(span), span.hidden_size
+    alone = [span.start_inference(p["batch"], 16, adapters=p.get("adapters", ())) for p in plans]
+    joined = [span.start_inference(p["batch"], 16, adapters=p.get("adapters", ())) for p in plans]
+    steps = []
+    for i, plan in enumerate(plans):
+        mask = None
+        if plan.get("padding"):
+            mask = torch.ones(plan["batch"], plan["prompt"], dtype=torch.long)
+            mask[-1, : plan["padding"]] = 0
+        steps.append(dict(hidden_states=hidden(plan["batch"], plan["prompt"], i, size), attention_mask=mask))
+    for step in range(3):
+        expected = [span.inference_step(state, **args) for state, args in zip(alone, steps)]
+        run = span.inference_steps([StepArgs(state, **args) for state, args in zip(joined, steps)])
+        for i, (got, want, args) in enumerate(zip(run.results, expected, steps)):
+            assert not isinstance(got, Exception), got
+            real = args.get("attention_mask") is None or args["attention_mask"].bool()  # padding's output is nobody's
+            torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=5e-5, msg=f"session {i}, step {step}")
+            assert torch.isfinite(got).all()
+        assert [s.position for s in joined] == [s.position for s in alone]
+        if step == 0:  # the prefix (in the cache already) and the LoRA (hooks) run apart
+            apart = sum(bool(p.get("adapters")) for p in plans)
+            assert sorted(run.passes) == [1] * apart + [len(plans) - apart]
+        steps = [dict(hidden_states=hidden(p["batch"], 1, 10 * step + i, size)) for i, p in enumerate(plans)]
+
+
+def test_a_failed_prompt_pass_leaves_the_sessions_empty(span: BlockSpan, monkeypatch):
+    states = [span.start_inference(1, 8) for _ in range(2)]
+
+    def failing(*args, **kwargs):  # the last layer fails, after the first filled the caches
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(span.layers[-1], "forward", failing)
+    run = span.inference_steps([StepArgs(state, hidden(1, 3, i, span.hidden_size)) for i, state in enumerate(states)])
+    assert all(isinstance(result, RuntimeError) for result in run.results)
+    assert [state.position for state in states] == [0, 0]
+    assert [state.cache.get_seq_length() for state in states] == [0, 0]
+    monkeypatch.undo()
+    again = span.inference_steps([StepArgs(state, hidden(1, 3, i, span.hidden_size)) for i, state in enumerate(states)])
+    for state, result, i in zip(states, again.results, range(2)):
+        alone = span.inference_step(span.start_inference(1, 8), hidden(1, 3, i, span.hidden_size))
+        torch.testing.assert_close(result, alone, rtol=1e-4, atol=5e-5)
+
+
 def test_a_refused_step_fails_alone(span: BlockSpan):
     states = [span.start_inference(1, 8) for _ in range(3)]
     for i, state in enumerate(states):
