@@ -99,7 +99,7 @@ class ScreenedHead:
         approx, bound = self.estimate(hidden)
         exact = F.linear(hidden, self.weight.detach())
         return bool(((approx - exact).abs() <= bound).all()) and self.estimates.computes_as_assumed(
-            hidden, approx, bound, exact)
+            self.weight.detach(), hidden, approx, bound, exact)
 
 
 class GreedySteps:

@@ -60,38 +60,41 @@ class Int8Activations:
                 codes, scales.double(), torch.zeros(len(scales), dtype=torch.long), 0)
             self.packed = torch.ops.quantized.linear_prepack(quantized, None)
         self.kernel = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-        self.codes, self.scales = codes, scales  # for `computes_as_assumed` only
         self.code_bound = scales * CODE_ROUNDING
         self.input_bound = scales * codes.abs().sum(dim=1, dtype=torch.int32).float()
 
     def estimate(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = hidden.shape[0]
-        unit = (hidden.abs().amax(dim=1, keepdim=True) / 63).clamp_min(1e-30)
-        scaled = hidden / unit
-        high = torch.round(scaled).clamp_(-63, 63)
-        low = torch.round((scaled - high) * LEVEL).clamp_(-63, 63)
+        unit, high, low = _levels(hidden)
         # Integers in, scale 1 and zero point 64: the kernel's uint8 codes are q + 64, in [1, 127].
         out = self.kernel(torch.cat([high, low]), 1.0, 64, self.packed)
         approx = out[:rows].add_(out[rows:], alpha=1 / LEVEL).mul_(unit)
-        off = (hidden.double() - self._read(hidden)).abs().amax(dim=1, keepdim=True).float() + unit * FLOAT_SLACK
+        off = (hidden.double() - _read(unit, high, low)).abs().amax(dim=1, keepdim=True).float() + unit * FLOAT_SLACK
         bound = torch.addcmul(self.code_bound * hidden.abs().sum(dim=1, keepdim=True), self.input_bound, off)
         return approx, bound
 
-    @staticmethod
-    def _read(hidden: torch.Tensor) -> torch.Tensor:
-        """The input as the kernel reads it (float64): m_r (q1 + q2 / K)."""
-        unit = (hidden.abs().amax(dim=1, keepdim=True) / 63).clamp_min(1e-30)
-        high = torch.round(hidden / unit).clamp_(-63, 63)
-        low = torch.round((hidden / unit - high) * LEVEL).clamp_(-63, 63)
-        return unit.double() * (high.double() + low.double() / LEVEL)
-
-    def computes_as_assumed(self, hidden: torch.Tensor, approx: torch.Tensor, bound: torch.Tensor,
-                            exact: torch.Tensor) -> bool:
+    def computes_as_assumed(self, weight: torch.Tensor, hidden: torch.Tensor, approx: torch.Tensor,
+                            bound: torch.Tensor, exact: torch.Tensor) -> bool:
         """Whether the kernel's sums are the exact integer sums the bound assumes, to float32
-        rounding: against the same sums in float64."""
-        exact = (self._read(hidden) @ self.codes.double().T) * self.scales.double()
-        unit = hidden.abs().amax(dim=1, keepdim=True).double() / 63
-        return bool(((approx.double() - exact).abs() <= unit * self.input_bound.double() * FLOAT_SLACK / 2).all())
+        rounding: against the same sums in float64 (the codes made again: kept, they would
+        double the copy's memory for a check run once)."""
+        codes, scales = int8_codes(weight)
+        unit, high, low = _levels(hidden)
+        exact = (_read(unit, high, low) @ codes.double().T) * scales.double()
+        return bool(((approx.double() - exact).abs() <= unit.double() * self.input_bound.double() * FLOAT_SLACK / 2).all())
+
+
+def _levels(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """m_r, q1, q2 of the module docstring: the input's two int8 levels, as floats."""
+    unit = (hidden.abs().amax(dim=1, keepdim=True) / 63).clamp_min(1e-30)
+    scaled = hidden / unit
+    high = torch.round(scaled).clamp_(-63, 63)
+    return unit, high, torch.round((scaled - high) * LEVEL).clamp_(-63, 63)
+
+
+def _read(unit: torch.Tensor, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The input as the kernel reads it (float64): m_r (q1 + q2 / K)."""
+    return unit.double() * (high.double() + low.double() / LEVEL)
 
 
 class BFloat16Activations:
@@ -115,8 +118,8 @@ class BFloat16Activations:
                           alpha=BF16_OUTPUT_BOUND)
         return approx, bound
 
-    def computes_as_assumed(self, hidden: torch.Tensor, approx: torch.Tensor, bound: torch.Tensor,
-                            exact: torch.Tensor) -> bool:
+    def computes_as_assumed(self, weight: torch.Tensor, hidden: torch.Tensor, approx: torch.Tensor,
+                            bound: torch.Tensor, exact: torch.Tensor) -> bool:
         """Whether the kernel keeps within half its bound of the float head (`exact`). Its
         partial sums round to bfloat16 in ways torch does not document, so the bound's slack is
         measured rather than derived: a kernel that needs more than half of it is not trusted."""

@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # Seconds without work after a heavy job (training, prefill) before freed memory goes back to the OS.
 IDLE_TRIM_SECONDS = 1.0
+
+
 class Priority(enum.IntEnum):
     """Lower runs first."""
 
@@ -126,8 +128,8 @@ class ComputeRuntime:
         `member` names who submits (a session): while other members of the key are active
         (their last job ran with others', less than ACTIVE_GAP s ago), the worker waits up to
         `join_wait` s from this job's arrival for their next jobs, so that they run together.
-        `merge`: it waits also for members that ran here since `member` last did (the module
-        docstring). A lone member never waits; `forget` it when it leaves."""
+        `merge`: it waits also for members that ran here since `member` last did
+        (peer/join_rule.py). A lone member never waits; `forget` it when it leaves."""
         return await self._submit(_Job(int(priority), next(self._seq), fn, light=light, batch_key=key, item=item,
                                        rows=rows, member=member, merge=merge, queued_at=time.monotonic()))
 

@@ -96,7 +96,7 @@ def test_the_fastest_kernel_here_is_used_and_a_kernel_that_breaks_its_bound_is_n
     linear, states = head(), hidden_states(2, 128)
     cache: dict = {}
     screened_logits(linear, states, cache)
-    assert type(cache["head"].estimates) is Int8Activations  # fbgemm is in the x86 and ARM wheels
+    assert type(cache["head"].estimates) is Int8Activations  # fbgemm is in torch's x86 wheels, as CI's
     monkeypatch.setattr(head_estimates, "CODE_ROUNDING", 0.0)  # as if the kernel lost precision
     cache = {}
     assert torch.equal(screened_logits(linear, states, cache).argmax(dim=1), linear(states).argmax(dim=1))
