@@ -81,7 +81,8 @@ class Int8Activations:
         codes, scales = int8_codes(weight)
         unit, high, low = _levels(hidden)
         exact = (_read(unit, high, low) @ codes.double().T) * scales.double()
-        return bool(((approx.double() - exact).abs() <= unit.double() * self.input_bound.double() * FLOAT_SLACK / 2).all())
+        allowed = unit.double() * self.input_bound.double() * FLOAT_SLACK / 2
+        return bool(((approx.double() - exact).abs() <= allowed).all())
 
 
 def _levels(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
